@@ -1,0 +1,22 @@
+"""Fused decoupled cross-attention: Triton kernels, a PyTorch reference and fallback, dispatch.
+
+``decoupled_attention`` is the op; ``explain_dispatch`` says which backend it would run.
+"""
+from .dispatch import BACKENDS, Dispatch, explain_dispatch
+from .inputs import AttentionInputs, normalize_inputs
+from .op import decoupled_attention
+from .reference import reference_decoupled_attention
+from .tolerances import TOLERANCES, check_close, precision_of
+
+__all__ = [
+    "BACKENDS",
+    "Dispatch",
+    "AttentionInputs",
+    "decoupled_attention",
+    "explain_dispatch",
+    "normalize_inputs",
+    "reference_decoupled_attention",
+    "TOLERANCES",
+    "check_close",
+    "precision_of",
+]

@@ -1,0 +1,226 @@
+"""Argument checking and normalisation for the decoupled-attention op.
+
+Every backend receives the same :class:`AttentionInputs`, so shape rules live in one
+place and a bad call fails here, with a message that names the argument, what was
+expected and what was received, instead of deep inside a kernel.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+Scale = Union[float, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """Checked inputs in the op's canonical form.
+
+    ``ip_scale`` is ``(S, B)`` float32 and ``ip_mask`` ``(S, B, N)`` (or None when no
+    stream has a mask) so a kernel sees one tensor per concept, whatever the caller
+    passed.  ``text_bias`` is additive float32 ``(B, Lt)`` (bool masks become 0/-inf).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    ip_k: tuple
+    ip_v: tuple
+    ip_scale: torch.Tensor
+    ip_mask: Optional[torch.Tensor]
+    text_bias: Optional[torch.Tensor]
+    sm_scale: float
+
+    @property
+    def shape(self):
+        """``(B, N, H, D)`` of the queries (and of the output)."""
+        return tuple(self.q.shape)
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.ip_k)
+
+    @property
+    def tensors(self):
+        """Every input tensor, for device/grad/stride checks."""
+        extra = [t for t in (self.ip_mask, self.text_bias) if t is not None]
+        return [self.q, self.k, self.v, *self.ip_k, *self.ip_v, self.ip_scale, *extra]
+
+
+def _shape(t) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _require_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _require_shape(name: str, t: torch.Tensor, expected: Sequence, layout: str) -> None:
+    """``expected`` holds ints, or None for a free size; ``layout`` names the dims."""
+    ok = t.dim() == len(expected) and all(e is None or s == e for s, e in zip(t.shape, expected))
+    if not ok:
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name}: expected shape {layout} = ({want}), got {_shape(t)}")
+
+
+def _require_like(name: str, t: torch.Tensor, q: torch.Tensor, dtype: bool = True) -> None:
+    if t.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device} (q's device), got {t.device}")
+    if dtype and t.dtype != q.dtype:
+        raise TypeError(f"{name}: expected dtype {q.dtype} (q's dtype), got {t.dtype}")
+
+
+def _as_list(name: str, value, allow_none: bool = False) -> list:
+    if value is None and allow_none:
+        return []
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a sequence with one tensor per IP stream, got a single tensor")
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: expected a list or tuple, got {type(value).__name__}")
+    return list(value)
+
+
+def _finite_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite float, got {value}")
+    return value
+
+
+def _scale_tensor(ip_scale, num_streams: int, batch: int, device) -> torch.Tensor:
+    """Per stream: a float, or a ``(B,)`` tensor of per-sample scales -> ``(S, B)`` float32."""
+    if isinstance(ip_scale, torch.Tensor) and ip_scale.dim() == 2:  # already canonical (S, B)
+        _require_shape("ip_scale", ip_scale, (num_streams, batch), "(S, B)")
+        if ip_scale.device != device:
+            raise ValueError(f"ip_scale: expected device {device} (q's device), got {ip_scale.device}")
+        return ip_scale.to(torch.float32)
+    if isinstance(ip_scale, (numbers.Real, torch.Tensor)):
+        ip_scale = [ip_scale] * num_streams  # one value (or one (B,) tensor) for every stream
+    scales = _as_list("ip_scale", ip_scale)
+    if len(scales) != num_streams:
+        raise ValueError(f"ip_scale: expected one scale per IP stream ({num_streams}), got {len(scales)}")
+    rows = []
+    for i, s in enumerate(scales):
+        name = f"ip_scale[{i}]"
+        if isinstance(s, torch.Tensor):
+            if s.dim() == 0:
+                s = s.expand(batch)
+            _require_shape(name, s, (batch,), "(B,)")
+            if s.device != device:
+                raise ValueError(f"{name}: expected device {device} (q's device), got {s.device}")
+            if not s.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point tensor, got {s.dtype}")
+            rows.append(s.to(torch.float32))
+        else:
+            rows.append(torch.full((batch,), _finite_float(name, s), dtype=torch.float32, device=device))
+    if not rows:
+        return torch.zeros((0, batch), dtype=torch.float32, device=device)
+    return torch.stack(rows)
+
+
+def _mask_tensor(ip_mask, num_streams: int, batch: int, n: int, q: torch.Tensor):
+    """Per stream: None or ``(B, N)`` weights -> ``(S, B, N)`` float32, or None if no mask at all."""
+    masks = _as_list("ip_mask", ip_mask, allow_none=True)
+    if not masks or all(m is None for m in masks):
+        return None
+    if len(masks) != num_streams:
+        raise ValueError(f"ip_mask: expected one entry (tensor or None) per IP stream ({num_streams}), got {len(masks)}")
+    rows = []
+    for i, m in enumerate(masks):
+        name = f"ip_mask[{i}]"
+        if m is None:
+            rows.append(torch.ones((batch, n), dtype=torch.float32, device=q.device))
+            continue
+        _require_tensor(name, m)
+        _require_shape(name, m, (batch, n), "(B, N)")
+        _require_like(name, m, q, dtype=False)
+        rows.append(m.to(torch.float32))
+    return torch.stack(rows)
+
+
+def _bias_tensor(text_bias, batch: int, lt: int, q: torch.Tensor):
+    """``(B, Lt)`` key-padding bias: bool (True = attend, as SDPA) or additive floats."""
+    if text_bias is None:
+        return None
+    _require_tensor("text_bias", text_bias)
+    _require_shape("text_bias", text_bias, (batch, lt), "(B, Lt)")
+    _require_like("text_bias", text_bias, q, dtype=False)
+    if text_bias.dtype == torch.bool:
+        zero = torch.zeros((), dtype=torch.float32, device=q.device)
+        return torch.where(text_bias, zero, zero - math.inf)
+    if not text_bias.is_floating_point():
+        raise TypeError(f"text_bias: expected a bool or floating-point tensor, got {text_bias.dtype}")
+    return text_bias.to(torch.float32)
+
+
+def normalize_inputs(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text_bias=None, sm_scale=None) -> AttentionInputs:
+    """Check every argument of :func:`decoupled_attention` and bring it to canonical form."""
+    q = _require_tensor("q", q)
+    if q.dim() != 4:
+        raise ValueError(f"q: expected a 4-D tensor (B, N, H, D), got shape {_shape(q)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q: expected dtype float16, bfloat16, float32 or float64, got {q.dtype}")
+    B, N, H, D = q.shape
+    if D == 0 or H == 0:
+        raise ValueError(f"q: expected H > 0 and D > 0, got shape {_shape(q)}")
+    k, v = _require_tensor("k", k), _require_tensor("v", v)
+    _require_shape("k", k, (B, None, H, D), "(B, Lt, H, D)")
+    _require_shape("v", v, (B, k.shape[1], H, D), "(B, Lt, H, D)")
+    if k.shape[1] == 0:
+        raise ValueError("k: expected at least one text token (Lt >= 1), got shape " + _shape(k))
+    for name, t in (("k", k), ("v", v)):
+        _require_like(name, t, q)
+
+    ip_k, ip_v = _as_list("ip_k", ip_k), _as_list("ip_v", ip_v)
+    if len(ip_k) != len(ip_v):
+        raise ValueError(f"ip_v: expected one tensor per ip_k stream ({len(ip_k)}), got {len(ip_v)}")
+    for i, (ik, iv) in enumerate(zip(ip_k, ip_v)):
+        _require_tensor(f"ip_k[{i}]", ik)
+        _require_tensor(f"ip_v[{i}]", iv)
+        _require_shape(f"ip_k[{i}]", ik, (B, None, H, D), "(B, L_i, H, D)")
+        _require_shape(f"ip_v[{i}]", iv, (B, ik.shape[1], H, D), "(B, L_i, H, D)")
+        if ik.shape[1] == 0:
+            raise ValueError(f"ip_k[{i}]: expected at least one IP token (L_i >= 1), got shape {_shape(ik)}")
+        _require_like(f"ip_k[{i}]", ik, q)
+        _require_like(f"ip_v[{i}]", iv, q)
+
+    S = len(ip_k)
+    sm_scale = D ** -0.5 if sm_scale is None else _finite_float("sm_scale", sm_scale)
+    scales = _scale_tensor(ip_scale, S, B, q.device)
+    masks = _mask_tensor(ip_mask, S, B, N, q)
+    # A stream whose scale is the Python number 0 is known to contribute nothing
+    # without looking at device memory: drop it here so no backend pays for it.
+    # (Zero *tensor* scales are skipped inside the Triton kernel, per sample.)
+    keep = [i for i in range(S) if not _is_static_zero(ip_scale, i)]
+    if len(keep) < S:
+        ip_k, ip_v = [ip_k[i] for i in keep], [ip_v[i] for i in keep]
+        scales = scales[keep]
+        masks = None if masks is None or not keep else masks[keep]
+    return AttentionInputs(
+        q=q,
+        k=k,
+        v=v,
+        ip_k=tuple(ip_k),
+        ip_v=tuple(ip_v),
+        ip_scale=scales,
+        ip_mask=masks,
+        text_bias=_bias_tensor(text_bias, B, k.shape[1], q),
+        sm_scale=sm_scale,
+    )
+
+
+def _is_static_zero(ip_scale, i: int) -> bool:
+    """True when stream ``i``'s scale was given as the plain number 0."""
+    if isinstance(ip_scale, (list, tuple)):
+        ip_scale = ip_scale[i]
+    return isinstance(ip_scale, numbers.Real) and not isinstance(ip_scale, bool) and ip_scale == 0

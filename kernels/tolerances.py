@@ -1,0 +1,50 @@
+"""Accuracy each backend must reach against the float64 reference, per compute precision.
+
+The metric is the relative L2 error ``||out - ref|| / ||ref||`` plus an element-wise
+``|out - ref| <= atol + rtol * |ref|`` bound.  Values sit a few times above what one
+rounding of the output already costs in that precision (fp16 eps 9.8e-4, bf16 7.8e-3,
+tf32 has a 10-bit mantissa like fp16), so a wrong mask, scale or softmax fails them.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Tolerance(NamedTuple):
+    rel_l2: float
+    atol: float
+    rtol: float
+
+
+TOLERANCES = {
+    "fp64": Tolerance(1e-12, 1e-12, 1e-12),
+    "fp32": Tolerance(1e-5, 1e-5, 1e-5),
+    "tf32": Tolerance(3e-3, 5e-3, 5e-3),
+    "fp16": Tolerance(2e-3, 5e-3, 5e-3),
+    "bf16": Tolerance(1.6e-2, 4e-2, 4e-2),
+}
+
+_BY_DTYPE = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def precision_of(dtype: torch.dtype, tf32: bool = False) -> str:
+    """Name of the compute precision for a dtype (fp32 becomes tf32 on tensor cores)."""
+    name = _BY_DTYPE[dtype]
+    return "tf32" if tf32 and name == "fp32" else name
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, precision: str) -> None:
+    """Raise AssertionError with the measured errors if ``out`` misses ``ref``'s tolerance."""
+    tol = TOLERANCES[precision]
+    out64, ref64 = out.to(torch.float64), ref.to(torch.float64)
+    if not torch.isfinite(out64).all():
+        raise AssertionError(f"output has {int((~torch.isfinite(out64)).sum())} non-finite values")
+    err = (out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)
+    worst = ((out64 - ref64).abs() - tol.rtol * ref64.abs()).max()
+    if err > tol.rel_l2 or worst > tol.atol:
+        raise AssertionError(
+            f"{precision}: relative L2 error {err:.3g} (limit {tol.rel_l2}), "
+            f"worst |out - ref| - rtol*|ref| = {worst:.3g} (limit {tol.atol})"
+        )

@@ -1,0 +1,301 @@
+"""Fused decoupled cross-attention in Triton: the kernel and its launcher.
+
+One program owns a BLOCK_M x D tile of queries for one (batch, head).  It reads that
+tile ONCE, then
+
+1. attends over the text keys with an online softmax (keys longer than one block are
+   looped), normalises, and keeps the result in a single fp32 accumulator;
+2. for every IP stream whose scale for this sample is non-zero, makes two passes over
+   the stream's keys: the first finds the row max and normaliser, the second adds
+   ``scale * mask * softmax(q k_i^T) v_i`` straight into the same accumulator;
+3. writes the output tile ONCE.
+
+Why two passes for the IP keys instead of a second online-softmax accumulator: IP
+streams are short (4, 16 or 257 tokens), so recomputing their QK^T is cheap, while a
+second BLOCK_M x D fp32 accumulator would double register pressure and force smaller
+tiles (or spills at D=256).  The op is memory-bound (intensity ~ Lt + L_ip FLOP/byte),
+so Q read + O written is what matters.
+
+Shapes the launcher guarantees: last dim of every tensor contiguous (stride 1);
+any other strides are passed through, so slices and transposed views need no copy.
+Several IP streams are concatenated along the token axis (a copy of the small K/V,
+never of Q or O) and described by an offsets table.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .inputs import AttentionInputs
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _load_keys_t(K, offs_n, offs_d, stride_kn, length, HEAD_DIM, DOT_FP32: tl.constexpr):
+    """Load a (BLOCK_D, BLOCK_N) tile of K^T; padded keys and dims read as 0."""
+    ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]
+    k = tl.load(ptrs, mask=(offs_n[None, :] < length) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    return k
+
+
+@triton.jit
+def _load_values(V, offs_n, offs_d, stride_vn, length, HEAD_DIM, DOT_FP32: tl.constexpr):
+    """Load a (BLOCK_N, BLOCK_D) tile of V; padded keys and dims read as 0."""
+    ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
+    v = tl.load(ptrs, mask=(offs_n[:, None] < length) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if DOT_FP32:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _safe_max(m):
+    # A row whose keys so far are all masked has max -inf; exponentiating against 0
+    # instead keeps exp2(-inf - -inf) = NaN out of the running sums.
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _decoupled_attn_fwd(
+    # pointers
+    Q, K, V, IPK, IPV, O,
+    TEXT_BIAS,  # (B, Lt) additive fp32, or a 1-element zero with zero strides
+    IP_SCALE,  # (S, B) fp32
+    IP_MASK,  # (S, B, N) fp32, or a 1-element one with zero strides
+    IP_OFFSETS,  # (S + 1,) int32: stream s owns IP tokens [off[s], off[s + 1])
+    # sizes
+    N, H, HEAD_DIM, LT, NUM_STREAMS,
+    qk_scale,  # sm_scale * log2(e): softmax runs in base 2
+    # strides (elements); the last dim of every tensor is contiguous
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ipkb, stride_ipkn, stride_ipkh,
+    stride_ipvb, stride_ipvn, stride_ipvh,
+    stride_ob, stride_on, stride_oh,
+    stride_bias_b, stride_bias_n,
+    stride_scale_s, stride_scale_b,
+    stride_mask_s, stride_mask_b, stride_mask_n,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # text keys per step
+    BLOCK_N_IP: tl.constexpr,  # IP keys per step (16 when every stream is that short)
+    BLOCK_D: tl.constexpr,  # head dim padded to a power of two (>= 16 for tl.dot)
+    DOT_FP32: tl.constexpr,  # upcast dot operands; only for bf16 under the interpreter
+    INPUT_PRECISION: tl.constexpr,  # "tf32" for fp32 inputs; ignored for fp16/bf16
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    # int64 batch offsets: B * N * H * D can exceed 2**31 at large batch and resolution.
+    off_b64 = off_b.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+
+    q_ptrs = Q + off_b64 * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=tile_ok, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    # ---- text: online softmax over Lt keys --------------------------------------
+    k_base = K + off_b64 * stride_kb + off_h * stride_kh
+    v_base = V + off_b64 * stride_vb + off_h * stride_vh
+    bias_base = TEXT_BIAS + off_b64 * stride_bias_b
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, LT, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < LT
+        k = _load_keys_t(k_base, offs_n, offs_d, stride_kn, LT, HEAD_DIM, DOT_FP32)
+        qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        bias = tl.load(bias_base + offs_n * stride_bias_n, mask=key_ok, other=0.0)
+        qk = tl.where(key_ok[None, :], qk + bias[None, :] * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = _safe_max(m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_values(v_base, offs_n, offs_d, stride_vn, LT, HEAD_DIM, DOT_FP32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+    # Rows with every text key masked give 0 (as SDPA does): acc is 0 there, so divide by 1.
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+
+    # ---- IP streams: two passes each, added into the same accumulator -----------
+    ipk_base = IPK + off_b64 * stride_ipkb + off_h * stride_ipkh
+    ipv_base = IPV + off_b64 * stride_ipvb + off_h * stride_ipvh
+    for s in range(0, NUM_STREAMS):
+        scale = tl.load(IP_SCALE + s * stride_scale_s + off_b * stride_scale_b)
+        # Scale 0 for this sample: the stream costs one scalar load, nothing more.
+        if scale != 0.0:
+            start = tl.load(IP_OFFSETS + s)
+            end = tl.load(IP_OFFSETS + s + 1)
+            mask_ptrs = IP_MASK + s * stride_mask_s + off_b64 * stride_mask_b + offs_m * stride_mask_n
+            row_weight = scale * tl.load(mask_ptrs, mask=row_ok, other=0.0)
+
+            # pass 1: row max and normaliser of softmax(q k_i^T)
+            m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start_n in range(start, end, BLOCK_N_IP):
+                offs_n = start_n + tl.arange(0, BLOCK_N_IP)
+                k = _load_keys_t(ipk_base, offs_n, offs_d, stride_ipkn, end, HEAD_DIM, DOT_FP32)
+                qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+                qk = tl.where((offs_n < end)[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_s, tl.max(qk, 1))
+                l_s = l_s * tl.math.exp2(m_s - m_new) + tl.sum(tl.math.exp2(qk - m_new[:, None]), 1)
+                m_s = m_new
+
+            # pass 2: weighted probabilities straight into the accumulator
+            p_scale = row_weight / l_s
+            for start_n in range(start, end, BLOCK_N_IP):
+                offs_n = start_n + tl.arange(0, BLOCK_N_IP)
+                k = _load_keys_t(ipk_base, offs_n, offs_d, stride_ipkn, end, HEAD_DIM, DOT_FP32)
+                qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+                qk = tl.where((offs_n < end)[None, :], qk, float("-inf"))
+                p = tl.math.exp2(qk - m_s[:, None]) * p_scale[:, None]
+                v = _load_values(ipv_base, offs_n, offs_d, stride_ipvn, end, HEAD_DIM, DOT_FP32)
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+
+    o_ptrs = O + off_b64 * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=tile_ok)
+
+
+# --------------------------------------------------------------------------- launcher
+
+#: dtypes the kernel is built for, and the dot precision each one uses.
+DOT_PRECISION = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "tf32"}
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
+#: IP streams no longer than this use 16-key steps, so 4/16-token streams don't pay for 64.
+SHORT_STREAM = 16
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One compiled specialisation of :func:`_decoupled_attn_fwd` (its constexprs)."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_N_IP: int
+    BLOCK_D: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return f"m{self.BLOCK_M}_n{self.BLOCK_N}_nip{self.BLOCK_N_IP}_d{self.BLOCK_D}_w{self.num_warps}_s{self.num_stages}"
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    """Head dim padded to a power of two, at least 16 (tl.dot's minimum K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def kernel_config(head_dim: int, max_ip_tokens: int) -> KernelConfig:
+    """Tile sizes per head-dim bucket.
+
+    Chosen so one accumulator plus the Q tile fit in registers without spills on
+    sm_80/sm_90 (checked for every bucket by ``instantstyle compile-report``):
+    D <= 128 keeps 128-query tiles; D = 256 halves them.
+    """
+    block_d = head_dim_bucket(head_dim)
+    block_n_ip = SHORT_STREAM if max_ip_tokens <= SHORT_STREAM else 64
+    if block_d <= 64:
+        return KernelConfig(128, 64, block_n_ip, block_d, num_warps=4, num_stages=2)
+    if block_d == 128:
+        return KernelConfig(128, 64, block_n_ip, block_d, num_warps=8, num_stages=2)
+    return KernelConfig(64, 32, min(block_n_ip, 32), block_d, num_warps=8, num_stages=1)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _broadcast_constant(value: float, device) -> tuple:
+    """A 1-element tensor read through zero strides: an absent mask or bias costs no memory."""
+    return torch.full((1,), value, dtype=torch.float32, device=device), (0, 0, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets_on(lengths: tuple, device: torch.device) -> torch.Tensor:
+    """The stream offsets table, cached per (lengths, device).
+
+    Lengths are shapes, so the table is constant for a given model; caching keeps the
+    host-to-device copy out of the steady state and out of CUDA-graph capture.
+    """
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def triton_decoupled_attention(inputs: AttentionInputs) -> torch.Tensor:
+    """Launch the fused kernel.  Inputs must have passed ``dispatch.triton_unsupported``."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    B, N, H, D = q.shape
+    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+
+    lengths = tuple(t.shape[1] for t in inputs.ip_k)
+    if len(lengths) == 1:
+        ip_k, ip_v = inputs.ip_k[0], inputs.ip_v[0]
+    elif lengths:
+        ip_k, ip_v = torch.cat(inputs.ip_k, dim=1), torch.cat(inputs.ip_v, dim=1)
+    else:  # no streams: the IP pointers are never read
+        ip_k, ip_v = k, v
+    offsets = _offsets_on(lengths or (0,), q.device)
+
+    if inputs.text_bias is not None:
+        bias, bias_strides = inputs.text_bias, inputs.text_bias.stride()
+    else:
+        bias, bias_strides = _broadcast_constant(0.0, q.device)
+    if inputs.ip_mask is not None:
+        mask, mask_strides = inputs.ip_mask, inputs.ip_mask.stride()
+    else:
+        mask, mask_strides = _broadcast_constant(1.0, q.device)
+    scale = inputs.ip_scale
+
+    cfg = kernel_config(D, max(lengths, default=1))
+    grid = (triton.cdiv(N, cfg.BLOCK_M), B * H)
+    _decoupled_attn_fwd[grid](
+        q, k, v, ip_k, ip_v, out, bias, scale, mask, offsets,
+        N, H, D, k.shape[1], len(lengths),
+        inputs.sm_scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        ip_k.stride(0), ip_k.stride(1), ip_k.stride(2),
+        ip_v.stride(0), ip_v.stride(1), ip_v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        bias_strides[0], bias_strides[1],
+        scale.stride(0), scale.stride(1),
+        mask_strides[0], mask_strides[1], mask_strides[2],
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N,
+        BLOCK_N_IP=cfg.BLOCK_N_IP,
+        BLOCK_D=cfg.BLOCK_D,
+        # Dated workaround (2026-11, triton 3.6-3.9): the interpreter multiplies bf16
+        # bit patterns in tl.dot (triton issue 11584).  Upcast only there; compiled
+        # kernels keep bf16 tensor-core dots.
+        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        INPUT_PRECISION="tf32" if q.dtype == torch.float32 else "ieee",
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,58 @@
+"""Packaging for instantstyle.
+
+The repository keeps the architecture visible at the top level (``kernels/``,
+``processors/``, ``bench/``), but everything installs as ONE importable package,
+``instantstyle``: a top-level ``kernels`` module would collide with the PyPI
+package of that name.  ``package_dir`` maps each folder into the namespace:
+
+    api/         -> instantstyle             (public re-exports and the CLI)
+    kernels/     -> instantstyle.kernels     (Triton kernels, reference, dispatch)
+    processors/  -> instantstyle.processors  (diffusers integration, registry)
+    bench/       -> instantstyle.bench       (measurement)
+
+The root package lives in ``api/`` rather than ``instantstyle/`` on purpose: a
+folder named ``instantstyle`` in the working directory would shadow the installed
+package and hide its subpackages whenever Python runs from the repo root.
+"""
+from setuptools import setup
+
+PACKAGE_DIRS = {
+    "instantstyle": "api",
+    "instantstyle.kernels": "kernels",
+    "instantstyle.processors": "processors",
+    "instantstyle.bench": "bench",
+}
+
+setup(
+    name="instantstyle",
+    version="0.1.0",
+    description="Fused decoupled cross-attention (IP-Adapter / InstantStyle) kernels and "
+    "diffusers processors with per-block feature injection.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    package_data={"instantstyle.bench": ["results/*.md", "results/*.png"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "xformers": ["xformers"],
+        "test": ["pytest>=7", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["instantstyle = instantstyle.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: OS Independent",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
