@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from .inputs import AttentionInputs
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
 
 # --------------------------------------------------------------------------- kernel
@@ -209,17 +210,30 @@ def head_dim_bucket(head_dim: int) -> int:
 def kernel_config(head_dim: int, max_ip_tokens: int) -> KernelConfig:
     """Tile sizes per head-dim bucket.
 
-    Chosen so one accumulator plus the Q tile fit in registers without spills on
-    sm_80/sm_90 (checked for every bucket by ``instantstyle compile-report``):
-    D <= 128 keeps 128-query tiles; D = 256 halves them.
+    Picked from sm_90/sm_80 compiles (``instantstyle compile-report``) so that the
+    accumulator, the Q tile and one QK^T tile fit in registers without spilling:
+    a 128x64 tile over 4 warps needed 255 registers plus a 72-byte stack at D=64,
+    over 8 warps it needs 183 and none.  D=128 spills at 128 queries, so it takes 64;
+    D=256 also halves the key step.
     """
     block_d = head_dim_bucket(head_dim)
     block_n_ip = SHORT_STREAM if max_ip_tokens <= SHORT_STREAM else 64
     if block_d <= 64:
-        return KernelConfig(128, 64, block_n_ip, block_d, num_warps=4, num_stages=2)
-    if block_d == 128:
         return KernelConfig(128, 64, block_n_ip, block_d, num_warps=8, num_stages=2)
+    if block_d == 128:
+        return KernelConfig(64, 64, block_n_ip, block_d, num_warps=4, num_stages=2)
     return KernelConfig(64, 32, min(block_n_ip, 32), block_d, num_warps=8, num_stages=1)
+
+
+def all_kernel_configs() -> list:
+    """Every specialisation the launcher can pick: one per head-dim bucket x IP step."""
+    configs = []
+    for block_d in (16, 32, 64, 128, 256):
+        for max_ip in (SHORT_STREAM, SHORT_STREAM + 1):
+            cfg = kernel_config(block_d, max_ip)
+            if cfg not in configs:
+                configs.append(cfg)
+    return configs
 
 
 def interpreting() -> bool:
@@ -244,11 +258,15 @@ def _offsets_on(lengths: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
-def triton_decoupled_attention(inputs: AttentionInputs) -> torch.Tensor:
-    """Launch the fused kernel.  Inputs must have passed ``dispatch.triton_unsupported``."""
+def triton_decoupled_attention(inputs: AttentionInputs, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch the fused kernel.  Inputs must have passed ``dispatch.triton_unsupported``.
+
+    ``out`` lets tests hand in a NaN-poisoned buffer to prove every element is written.
+    """
     q, k, v = inputs.q, inputs.k, inputs.v
     B, N, H, D = q.shape
-    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
 
@@ -276,7 +294,7 @@ def triton_decoupled_attention(inputs: AttentionInputs) -> torch.Tensor:
     _decoupled_attn_fwd[grid](
         q, k, v, ip_k, ip_v, out, bias, scale, mask, offsets,
         N, H, D, k.shape[1], len(lengths),
-        inputs.sm_scale * LOG2E,
+        inputs.sm_scale * LOG2E.value,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
