@@ -91,6 +91,8 @@ def _as_list(name: str, value, allow_none: bool = False) -> list:
 def _finite_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if torch.compiler.is_compiling():
+        return value  # a traced SymFloat: a run-time value, never baked in or guarded on
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite float, got {value}")
@@ -122,7 +124,9 @@ def _scale_tensor(ip_scale, num_streams: int, batch: int, device) -> torch.Tenso
                 raise TypeError(f"{name}: expected a floating-point tensor, got {s.dtype}")
             rows.append(s.to(torch.float32))
         else:
-            rows.append(torch.full((batch,), _finite_float(name, s), dtype=torch.float32, device=device))
+            # ones * s, not full(s): under torch.compile a float scale stays a graph input
+            # (dynamo "tensorifies" it) instead of being baked in and guarded on.
+            rows.append(torch.ones((batch,), dtype=torch.float32, device=device) * _finite_float(name, s))
     if not rows:
         return torch.zeros((0, batch), dtype=torch.float32, device=device)
     return torch.stack(rows)
@@ -223,4 +227,6 @@ def _is_static_zero(ip_scale, i: int) -> bool:
     """True when stream ``i``'s scale was given as the plain number 0."""
     if isinstance(ip_scale, (list, tuple)):
         ip_scale = ip_scale[i]
+    if torch.compiler.is_compiling():
+        return False  # comparing a traced float would guard on its value and recompile
     return isinstance(ip_scale, numbers.Real) and not isinstance(ip_scale, bool) and ip_scale == 0
