@@ -4,7 +4,7 @@ import torch
 
 from instantstyle.kernels import decoupled_attention, explain_dispatch, normalize_inputs, reference_decoupled_attention
 
-from helpers import make_case
+from kernel_cases import make_case
 
 
 def test_auto_on_cpu_picks_torch_and_says_why_not_triton():

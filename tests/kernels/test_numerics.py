@@ -9,7 +9,7 @@ import torch
 from instantstyle.kernels import check_close, decoupled_attention, normalize_inputs, reference_decoupled_attention
 from instantstyle.kernels.triton_decoupled import triton_decoupled_attention
 
-from helpers import make_case
+from kernel_cases import make_case
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -5,7 +5,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from instantstyle.kernels import decoupled_attention
 
-from helpers import make_case
+from kernel_cases import make_case
 
 
 @pytest.fixture(autouse=True)

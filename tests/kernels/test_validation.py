@@ -4,7 +4,7 @@ import torch
 
 from instantstyle.kernels import decoupled_attention
 
-from helpers import make_case
+from kernel_cases import make_case
 
 
 def _good(**over):
