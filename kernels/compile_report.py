@@ -75,8 +75,10 @@ def compile_variant(cfg, dtype_name: str, arch: str) -> VariantReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .triton_decoupled import _decoupled_attn_fwd
+    from .triton_decoupled import _decoupled_attn_fwd, interpreting
 
+    if interpreting():
+        raise RuntimeError("compile-report builds real GPU code: unset TRITON_INTERPRET before importing instantstyle")
     dtype = DTYPES[dtype_name]
     constexprs = dict(
         BLOCK_M=cfg.BLOCK_M,
@@ -120,7 +122,7 @@ def compile_report(archs=("sm_90",), dtypes=tuple(DTYPES), progress: bool = Fals
     """Compile every launchable variant for every arch; one :class:`VariantReport` each."""
     from .triton_decoupled import all_kernel_configs
 
-    jobs = [(cfg, dtype, arch) for arch in archs for dtype in dtypes for cfg in all_kernel_configs()]
+    jobs = [(cfg, dtype, arch) for arch in archs for dtype in dtypes for cfg in all_kernel_configs(dtype, arch)]
     if progress:
         from tqdm import tqdm
 

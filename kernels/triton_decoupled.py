@@ -207,33 +207,56 @@ def head_dim_bucket(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def kernel_config(head_dim: int, max_ip_tokens: int) -> KernelConfig:
-    """Tile sizes per head-dim bucket.
+# Tiles per (arch, dtype class) and head-dim bucket, as
+# (short IP streams <= 16 tokens, longer IP streams), each (BLOCK_M, BLOCK_N, BLOCK_N_IP,
+# num_warps, num_stages).  Found 2026-11 (triton 3.9) by compiling candidates from
+# large to small with ``compile_report.compile_variant`` and keeping the first that has
+# no local memory (spills) and uses tensor cores; ``instantstyle compile-report``
+# re-checks every entry.  Findings: 128-query tiles need 8 warps (4 warps spill at
+# D=64); sm_80's mma.sync keeps operands in registers, so D=256 (SD1.5's D=160) only
+# fits 16x16 tiles there, while Hopper's wgmma reads them from shared memory.
+_WIDE = ((128, 64, 16, 8, 2), (128, 64, 64, 8, 2))
+_TILES = {
+    ("sm_90", "half"): {16: _WIDE, 32: _WIDE, 64: _WIDE, 128: ((128, 32, 16, 8, 1), (128, 32, 32, 8, 1)),
+                        256: ((64, 32, 16, 8, 1), (64, 32, 16, 8, 1))},
+    ("sm_90", "fp32"): {16: _WIDE, 32: _WIDE, 64: ((128, 64, 16, 8, 2), (128, 64, 64, 8, 1)),
+                        128: ((128, 32, 16, 8, 1), (64, 32, 32, 4, 1)), 256: ((16, 16, 16, 4, 1),) * 2},
+    ("sm_80", "half"): {16: _WIDE, 32: ((128, 64, 16, 8, 1), (128, 64, 64, 8, 2)), 64: _WIDE,
+                        128: ((128, 64, 16, 8, 2), (128, 64, 32, 8, 2)), 256: ((16, 16, 16, 4, 1),) * 2},
+    ("sm_80", "fp32"): {16: ((128, 64, 16, 8, 1), (128, 64, 64, 8, 2)), 32: _WIDE, 64: _WIDE,
+                        128: ((128, 64, 16, 8, 2), (128, 64, 32, 8, 1)), 256: ((16, 16, 16, 4, 1),) * 2},
+}
+ARCHS = ("sm_80", "sm_90")
 
-    Picked from sm_90/sm_80 compiles (``instantstyle compile-report``) so that the
-    accumulator, the Q tile and one QK^T tile fit in registers without spilling:
-    a 128x64 tile over 4 warps needed 255 registers plus a 72-byte stack at D=64,
-    over 8 warps it needs 183 and none.  D=128 spills at 128 queries, so it takes 64;
-    D=256 also halves the key step.
-    """
+
+def _dtype_class(dtype_name: str) -> str:
+    return "fp32" if dtype_name == "float32" else "half"
+
+
+def kernel_config(head_dim: int, max_ip_tokens: int, dtype_name: str = "float16", arch: str = "sm_90") -> KernelConfig:
+    """The tile configuration the launcher uses for a head dim, IP length, dtype and arch."""
     block_d = head_dim_bucket(head_dim)
-    block_n_ip = SHORT_STREAM if max_ip_tokens <= SHORT_STREAM else 64
-    if block_d <= 64:
-        return KernelConfig(128, 64, block_n_ip, block_d, num_warps=8, num_stages=2)
-    if block_d == 128:
-        return KernelConfig(64, 64, block_n_ip, block_d, num_warps=4, num_stages=2)
-    return KernelConfig(64, 32, min(block_n_ip, 32), block_d, num_warps=8, num_stages=1)
+    short, long = _TILES[(arch, _dtype_class(dtype_name))][block_d]
+    bm, bn, bn_ip, warps, stages = short if max_ip_tokens <= SHORT_STREAM else long
+    return KernelConfig(bm, bn, bn_ip, block_d, warps, stages)
 
 
-def all_kernel_configs() -> list:
-    """Every specialisation the launcher can pick: one per head-dim bucket x IP step."""
+def all_kernel_configs(dtype_name: str, arch: str) -> list:
+    """Every specialisation the launcher can pick for a dtype on an arch."""
     configs = []
     for block_d in (16, 32, 64, 128, 256):
         for max_ip in (SHORT_STREAM, SHORT_STREAM + 1):
-            cfg = kernel_config(block_d, max_ip)
+            cfg = kernel_config(block_d, max_ip, dtype_name, arch)
             if cfg not in configs:
                 configs.append(cfg)
     return configs
+
+
+def arch_of(device: torch.device) -> str:
+    """Which tile table a device uses; the interpreter (CPU) follows sm_90's tiles."""
+    if device.type != "cuda":
+        return "sm_90"
+    return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
 
 
 def interpreting() -> bool:
@@ -289,7 +312,8 @@ def triton_decoupled_attention(inputs: AttentionInputs, out: Optional[torch.Tens
         mask, mask_strides = _broadcast_constant(1.0, q.device)
     scale = inputs.ip_scale
 
-    cfg = kernel_config(D, max(lengths, default=1))
+    dtype_name = str(q.dtype).replace("torch.", "")
+    cfg = kernel_config(D, max(lengths, default=1), dtype_name, arch_of(q.device))
     grid = (triton.cdiv(N, cfg.BLOCK_M), B * H)
     _decoupled_attn_fwd[grid](
         q, k, v, ip_k, ip_v, out, bias, scale, mask, offsets,
