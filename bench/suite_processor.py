@@ -1,0 +1,153 @@
+"""Processor suite: one whole attn2 call (projections included), as the UNet makes it.
+
+A diffusers ``Attention`` module with SDXL's cross-attention sizes runs with:
+
+* ``diffusers`` (baseline): diffusers' ``IPAdapterAttnProcessor2_0``;
+* ``fused``: ``instantstyle.processors.FusedIPAdapterAttnProcessor``, built with the same
+  constructor and loaded with the same IP weights (so outputs must agree);
+* ``no-ip``: diffusers' ``AttnProcessor2_0`` on the text alone, the floor any IP
+  processor adds to.
+
+When the fused processor does not exist yet, its rows say "not available yet".
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import gc
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from .suites import Context, add_speedups, dtype_name, name_matches, record_timings, short_error
+
+FUSED_CLASS = "FusedIPAdapterAttnProcessor"
+NOT_AVAILABLE = f"not available yet (instantstyle.processors has no {FUSED_CLASS})"
+
+
+def fused_processor_class():
+    """The fused processor class, or None while ``instantstyle.processors`` lacks it."""
+    try:
+        import instantstyle.processors as procs
+    except Exception:
+        return None
+    return getattr(procs, FUSED_CLASS, None)
+
+
+@dataclass(frozen=True)
+class AttnCase:
+    name: str
+    B: int
+    N: int
+    channels: int
+    heads: int
+    Lt: int = 77
+    cross_dim: int = 2048
+    ip_tokens: int = 4
+
+    def describe(self) -> str:
+        return f"B={self.B} N={self.N} C={self.channels} H={self.heads} Lt={self.Lt} ip={self.ip_tokens}"
+
+
+CASES = [
+    AttnCase("sdxl-attn2-4096x640", B=2, N=4096, channels=640, heads=10),
+    AttnCase("sdxl-attn2-1024x1280", B=2, N=1024, channels=1280, heads=20),
+]
+QUICK_CASES = [CASES[1]]
+
+
+def _inputs(case: AttnCase, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return rand(case.B, case.N, case.channels), rand(case.B, case.Lt, case.cross_dim), \
+        rand(case.B, 1, case.ip_tokens, case.cross_dim)
+
+
+def build_attention(case: AttnCase, dtype, device):
+    """attn2 of an SDXL BasicTransformerBlock, random weights, plus the two IP processors."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=case.channels, cross_attention_dim=case.cross_dim, heads=case.heads,
+                     dim_head=case.channels // case.heads, bias=False, out_bias=True)
+    base = IPAdapterAttnProcessor2_0(hidden_size=case.channels, cross_attention_dim=case.cross_dim,
+                                     num_tokens=(case.ip_tokens,), scale=1.0)
+    procs = {"diffusers": base, "no-ip": AttnProcessor2_0()}
+    cls = fused_processor_class()
+    if cls is not None:
+        fused = cls(hidden_size=case.channels, cross_attention_dim=case.cross_dim, num_tokens=(case.ip_tokens,), scale=1.0)
+        fused.load_state_dict(base.state_dict())
+        procs["fused"] = fused
+    attn.to(device=device, dtype=dtype).eval()
+    for p in procs.values():
+        if isinstance(p, torch.nn.Module):
+            p.to(device=device, dtype=dtype).eval()
+    return attn, procs
+
+
+PROVIDERS = ["diffusers", "fused", "no-ip"]
+
+
+def _call(module, inputs, ip: bool):
+    x, text, ip_states = inputs
+    with torch.inference_mode():
+        return module(x, encoder_hidden_states=(text, [ip_states]) if ip else text)
+
+
+class ProcessorSuite:
+    name = "processor"
+    description = "one attn2 call, projections included: fused processor vs diffusers' IPAdapterAttnProcessor2_0"
+
+    def unavailable(self, ctx: Context) -> Optional[str]:
+        return None  # the diffusers rows always run; the fused rows say when they can't
+
+    def _plan(self, ctx: Context):
+        cases = QUICK_CASES if ctx.quick else CASES
+        cases = [c for c in cases if name_matches(c.name, ctx.shape_filter, [x.name for x in CASES])]
+        return [(c, d) for c in cases for d in ctx.dtypes]
+
+    def planned(self, ctx: Context) -> int:
+        return len(self._plan(ctx)) * len(PROVIDERS)
+
+    def run(self, ctx: Context) -> List[dict]:
+        if fused_processor_class() is None:
+            ctx.note(f"processor suite: {NOT_AVAILABLE}; only diffusers' processors were timed.")
+        rows = []
+        for case, dtype in self._plan(ctx):
+            rows += self._run_case(ctx, case, dtype)
+            gc.collect()
+        return rows
+
+    def _run_case(self, ctx: Context, case: AttnCase, dtype) -> List[dict]:
+        attn, procs = build_attention(case, dtype, ctx.device)
+        one = _inputs(case, dtype, ctx.device, 0)
+        per_set = sum(t.numel() * t.element_size() for t in one) * 2
+        sets = [one] + [_inputs(case, dtype, ctx.device, i) for i in range(1, ctx.rotation(per_set))]
+        rows, fns_by_name, base_out = [], {}, None
+        for name in PROVIDERS:
+            row = {"suite": self.name, "case": case.name, "provider": name, "baseline": name == "diffusers",
+                   "dtype": dtype_name(dtype), "shape_desc": case.describe(), "status": "ok", "ms": None,
+                   "ms_graph": None}
+            rows.append(row)
+            if name not in procs:
+                row["status"] = NOT_AVAILABLE
+                continue
+            try:
+                # One Attention module per provider (same weights), so providers can run interleaved.
+                module = copy.deepcopy(attn)
+                module.set_processor(procs[name])
+                fns = [functools.partial(_call, module, s, name != "no-ip") for s in sets]
+                out = fns[0]()
+                if name == "diffusers":
+                    base_out = out.double()
+                elif name == "fused" and base_out is not None:
+                    row["rel_diff_vs_baseline"] = float((out.double() - base_out).norm() / base_out.norm())
+                fns_by_name[name] = fns
+            except Exception as exc:
+                row["status"] = short_error(exc)
+        record_timings(ctx, rows, fns_by_name, f"{case.name} {dtype_name(dtype)}")
+        for row in rows:
+            ctx.tick(f"{case.name} {row['provider']}")
+        add_speedups(rows)
+        return rows
