@@ -9,6 +9,7 @@ package of that name.  ``package_dir`` maps each folder into the namespace:
     kernels/     -> instantstyle.kernels     (Triton kernels, reference, dispatch)
     processors/  -> instantstyle.processors  (diffusers integration, registry)
     bench/       -> instantstyle.bench       (measurement)
+    pipelines/   -> instantstyle.pipelines   (InstantStyle end to end: embeddings, pipeline, CLI)
 
 The root package lives in ``api/`` rather than ``instantstyle/`` on purpose: a
 folder named ``instantstyle`` in the working directory would shadow the installed
@@ -21,6 +22,7 @@ PACKAGE_DIRS = {
     "instantstyle.kernels": "kernels",
     "instantstyle.processors": "processors",
     "instantstyle.bench": "bench",
+    "instantstyle.pipelines": "pipelines",
 }
 
 setup(

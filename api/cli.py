@@ -15,6 +15,7 @@ COMMANDS = [
     ("compile-report", "instantstyle.kernels.compile_report", "compile every kernel variant for sm_80/sm_90, no GPU needed"),
     ("info", "instantstyle.info", "versions, devices and which attention backend would run"),
     ("blocks", "instantstyle.processors.blocks_cli", "list a UNet's attention modules and what is injected where"),
+    ("stylize", "instantstyle.pipelines.stylize_cli", "stylise an image with InstantStyle (style reference + prompt -> PNG)"),
 ]
 
 

@@ -1,0 +1,51 @@
+"""diffusers integration: fused attention processors and the injection registry.
+
+- :class:`FusedIPAdapterAttnProcessor` / :class:`FusedAttnProcessor`: drop-in processors
+  that run decoupled cross-attention as one fused op (``fused_processor``).
+- :func:`use_fused_processors`: swap a loaded model's processors for them (``accelerate``).
+- :func:`load_ip_adapter`: load IP-Adapters into their target layers only (``loader``).
+- :class:`InjectionRegistry` / :func:`registry_of`: targets (presets, patterns,
+  ``set_ip_adapter_scale`` dicts) and what is injected where (``registry``).
+- :class:`StepGate`: active range over the denoising schedule (``gating``).
+
+Names resolve lazily: most modules import diffusers (seconds), which the ``instantstyle``
+CLI should not pay for when it only builds its argument parser.
+"""
+import importlib
+
+_EXPORTS = {
+    "FusedIPAdapterAttnProcessor": "fused_processor",
+    "FusedAttnProcessor": "fused_processor",
+    "fallback_reasons": "fused_processor",
+    "use_fused_processors": "accelerate",
+    "load_ip_adapter": "loader",
+    "LoadReport": "loader",
+    "ip_param_counts": "loader",
+    "InjectionRegistry": "registry",
+    "registry_of": "registry",
+    "pattern_matches": "registry",
+    "PRESETS": "presets",
+    "register_preset": "presets",
+    "StepGate": "gating",
+    "CONFIGS": "architectures",
+    "build_meta_unet": "architectures",
+    "detect_arch": "architectures",
+    "AttentionSite": "sites",
+    "attention_sites": "sites",
+    "ip_sites": "sites",
+    "ip_key_ids": "sites",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,185 @@
+"""Stylise an image with InstantStyle: a style reference, a prompt, a PNG out.
+
+The IP-Adapter goes only into the preset's blocks (SDXL "style" = up_blocks.0.attentions.1),
+the reference's content is subtracted in CLIP space (--content-prompt), and fused
+decoupled-attention processors run every cross-attention layer.  A JSON sidecar next to
+the PNG records every setting, the resolved target modules, versions and timings.
+
+example (SDXL, ip-adapter_sdxl with its ViT-bigG image encoder):
+  instantstyle stylize \\
+      --model stabilityai/stable-diffusion-xl-base-1.0 \\
+      --ip-adapter IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors \\
+      --image-encoder IP-Adapter/sdxl_models/image_encoder \\
+      --style reference.png --content-prompt "a cat" \\
+      --prompt "a dog sitting on a bench" --preset style --scale 1.0 \\
+      --out dog.png
+
+Models are loaded from local folders or, if the hub is reachable, hub ids.  Add
+--controlnet DIR --control-image IMG [--canny] for spatial control.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+PRESET_CHOICES = ("style", "layout", "style+layout", "all")
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names: reported without a traceback."""
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("models")
+    g.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (SDXL or SD1.5)")
+    g.add_argument("--ip-adapter", required=True, help="IP-Adapter .bin/.safetensors in the original layout")
+    g.add_argument("--image-encoder", required=True, help="CLIP vision model (with projection) folder or hub id")
+    g.add_argument("--controlnet", help="ControlNet folder or hub id (needs --control-image)")
+    g = parser.add_argument_group("style")
+    g.add_argument("--style", action="append", required=True, metavar="IMAGE", help="style reference (repeatable)")
+    g.add_argument("--content-prompt", help="what the reference shows ('a cat'); subtracted from its embedding")
+    g.add_argument("--content-scale", type=float, default=0.5, help="how much content to subtract (default 0.5)")
+    g.add_argument("--preset", choices=PRESET_CHOICES, default="style", help="blocks to inject into (default style)")
+    g.add_argument("--target", action="append", metavar="PATTERN", help="module prefix/glob instead of --preset (repeatable)")
+    g.add_argument("--scale", type=float, default=1.0, help="IP-Adapter scale in the target blocks (default 1.0)")
+    g = parser.add_argument_group("generation")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--control-image", help="control image for --controlnet")
+    g.add_argument("--canny", action="store_true", help="turn --control-image into Canny edges first")
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    g.add_argument("--out", required=True, help="output PNG; a .json sidecar is written next to it")
+
+
+def _require_file(flag: str, path: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{flag}: no such file or folder: {path}")
+
+
+def _from_pretrained(flag: str, load, name: str, **kwargs):
+    """Load a model; a missing model becomes a message that says how to work offline."""
+    try:
+        return load(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "folder" if os.path.isdir(name) else "hub id"
+        raise UserError(
+            f"{flag}: could not load {name!r} ({where}): {str(exc).splitlines()[0]}\n"
+            "  Without network access, download the model once and pass its local folder "
+            "(e.g. from `huggingface-cli download ...`), or set HF_HUB_OFFLINE=1 to use the local cache."
+        ) from None
+
+
+def _load_pipeline(args, torch_dtype):
+    from diffusers import AutoPipelineForText2Image, ControlNetModel
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    kwargs = {"torch_dtype": torch_dtype}
+    if args.controlnet:
+        kwargs["controlnet"] = _from_pretrained("--controlnet", ControlNetModel.from_pretrained, args.controlnet, torch_dtype=torch_dtype)
+    pipe = _from_pretrained("--model", AutoPipelineForText2Image.from_pretrained, args.model, **kwargs)
+    encoder = _from_pretrained("--image-encoder", CLIPVisionModelWithProjection.from_pretrained, args.image_encoder, torch_dtype=torch_dtype)
+    try:
+        processor = CLIPImageProcessor.from_pretrained(args.image_encoder)
+    except OSError:  # IP-Adapter's image_encoder folders ship no processor config
+        processor = CLIPImageProcessor(size=encoder.config.image_size, crop_size=encoder.config.image_size)
+    return pipe, encoder, processor
+
+
+def _open_image(flag: str, path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    _require_file(flag, path)
+    try:
+        return Image.open(path).convert("RGB")
+    except UnidentifiedImageError:
+        raise UserError(f"{flag}: not an image file: {path}") from None
+
+
+def _versions() -> dict:
+    from instantstyle.info import package_versions
+
+    return package_versions()
+
+
+def stylize(args) -> dict:
+    """Run the whole job; returns the sidecar record."""
+    import torch
+
+    from instantstyle.pipelines.canny import canny_edges
+    from instantstyle.pipelines.content import ContentSubtractionError
+    from instantstyle.pipelines.instantstyle import InstantStyle
+
+    if bool(args.controlnet) != bool(args.control_image):
+        raise UserError("--controlnet and --control-image go together")
+    if args.canny and not args.control_image:
+        raise UserError("--canny: needs --control-image")
+    _require_file("--ip-adapter", args.ip_adapter)
+    styles = [_open_image("--style", p) for p in args.style]
+    control = _open_image("--control-image", args.control_image) if args.control_image else None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
+
+    timings = {}
+    start = time.perf_counter()
+    pipe, encoder, processor = _load_pipeline(args, dtype)
+    pipe.to(device)
+    encoder.to(device)
+    target = args.target if args.target else args.preset
+    try:
+        style = InstantStyle(pipe, args.ip_adapter, target=target, scale=args.scale, image_encoder=encoder, image_processor=processor)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(f"--ip-adapter / --preset / --target: {exc}") from None
+    timings["load_s"] = round(time.perf_counter() - start, 3)
+
+    call = dict(
+        negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        height=args.height, width=args.width, generator=torch.Generator(device="cpu").manual_seed(args.seed),
+    )
+    if control is not None:
+        call["image"] = canny_edges(control) if args.canny else control
+    start = time.perf_counter()
+    try:
+        image = style(args.prompt, styles, content_prompt=args.content_prompt, content_scale=args.content_scale, **call).images[0]
+    except ContentSubtractionError as exc:
+        raise UserError(str(exc)) from None
+    timings["generate_s"] = round(time.perf_counter() - start, 3)
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    image.save(args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+    return {
+        "image": os.path.abspath(args.out),
+        "settings": settings,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "targets": sorted(style.report.adapters[0].layers),
+        "ip_params_held": style.report.ip_params,
+        "ip_params_all_layers": style.report.ip_params_all_layers,
+        "versions": _versions(),
+        "timings": timings,
+    }
+
+
+def sidecar_path(out: str) -> str:
+    return os.path.splitext(out)[0] + ".json"
+
+
+def run(args) -> int:
+    try:
+        record = stylize(args)
+    except UserError as exc:
+        print(f"instantstyle stylize: error: {exc}", file=sys.stderr)
+        return 2
+    with open(sidecar_path(args.out), "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    print(f"wrote {record['image']} and {sidecar_path(args.out)}", file=sys.stderr)
+    return 0

@@ -1,0 +1,119 @@
+"""What every fused processor does around the op: diffusers' ``Attention`` plumbing.
+
+Split out so the processors themselves only decide *which* K/V streams go into the one
+``decoupled_attention`` call.  The steps and their order are those of diffusers'
+``AttnProcessor2_0`` / ``IPAdapterAttnProcessor2_0`` (spatial norm, 4-D -> tokens,
+group norm, projections, norm_cross; then out-projection, residual, rescale), so the
+fused processors stay drop-in for every ``Attention`` configuration diffusers builds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class Projected:
+    """Queries, text keys/values and everything needed to undo the input reshaping."""
+
+    q: torch.Tensor  # (B, N, H, D), a view of to_q's output
+    k: torch.Tensor  # (B, Lt, H, D)
+    v: torch.Tensor
+    text_bias: Optional[torch.Tensor]  # (B, Lt) key-padding bias the op takes, or None
+    full_mask: Optional[torch.Tensor]  # (B, H, N or 1, Lt) when the mask is not a key-padding bias
+    fallback_reason: Optional[str]  # why the fused op can't take these inputs (None: it can)
+    ip_states: List[torch.Tensor]  # one tensor per IP-Adapter, as diffusers passes them
+    residual: torch.Tensor
+    input_shape: tuple  # hidden_states' shape before flattening (4-D inputs)
+
+
+def split_encoder_states(encoder_hidden_states, num_ip_tokens: Optional[int] = None):
+    """``(text, [ip per adapter])`` tuple -> (text, ip list); a plain tensor has no IP part.
+
+    ``num_ip_tokens`` supports diffusers' deprecated layout (IP tokens appended to the
+    text tokens) for processors that hold an adapter.
+    """
+    if isinstance(encoder_hidden_states, tuple):
+        text, ip = encoder_hidden_states
+        return text, list(ip)
+    if encoder_hidden_states is not None and num_ip_tokens:
+        end = encoder_hidden_states.shape[1] - num_ip_tokens
+        return encoder_hidden_states[:, :end], [encoder_hidden_states[:, end:]]
+    return encoder_hidden_states, []
+
+
+def _key_padding_bias(attention_mask: torch.Tensor, batch: int, lt: int) -> Optional[torch.Tensor]:
+    """The mask as a ``(B, Lt)`` bias when it is one (same for every head and query), else None.
+
+    diffusers repeats a ``(B, 1, Lt)`` or ``(B, Lt)`` mask over heads, so those shapes are
+    per-key biases; a ``(B*H, ...)`` or per-query mask is not.
+    """
+    m = attention_mask
+    if m.shape[-1] != lt or m.shape[0] != batch:
+        return None
+    if m.dim() == 2:
+        return m
+    if m.dim() == 3 and m.shape[1] == 1:
+        return m[:, 0]
+    return None
+
+
+def project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, num_ip_tokens=None) -> Projected:
+    residual = hidden_states
+    text_states, ip_states = split_encoder_states(encoder_hidden_states, num_ip_tokens)
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_shape = tuple(hidden_states.shape)
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    batch = hidden_states.shape[0]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    query = attn.to_q(hidden_states)
+    if text_states is None:
+        text_states = hidden_states
+    elif attn.norm_cross:
+        text_states = attn.norm_encoder_hidden_states(text_states)
+    key, value = attn.to_k(text_states), attn.to_v(text_states)
+    heads = attn.heads
+    head_dim = key.shape[-1] // heads
+    lt = key.shape[1]
+
+    text_bias = full_mask = reason = None
+    if attention_mask is not None:
+        text_bias = _key_padding_bias(attention_mask, batch, lt)
+        if text_bias is None:
+            reason = (
+                f"attention_mask of shape {tuple(attention_mask.shape)} varies per head or query "
+                f"(the fused op takes a (B, Lt) = ({batch}, {lt}) key-padding mask)"
+            )
+            full_mask = attn.prepare_attention_mask(attention_mask, lt, batch)
+            full_mask = full_mask.view(batch, heads, -1, full_mask.shape[-1])
+    return Projected(
+        q=query.view(batch, -1, heads, head_dim),
+        k=key.view(batch, -1, heads, head_dim),
+        v=value.view(batch, -1, heads, head_dim),
+        text_bias=text_bias,
+        full_mask=full_mask,
+        fallback_reason=reason,
+        ip_states=ip_states,
+        residual=residual,
+        input_shape=input_shape,
+    )
+
+
+def finish(attn, out: torch.Tensor, p: Projected) -> torch.Tensor:
+    """``(B, N, H, D)`` attention output -> the processor's return value."""
+    batch = out.shape[0]
+    hidden_states = out.reshape(batch, out.shape[1], -1).to(p.q.dtype)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)  # dropout
+    if len(p.input_shape) == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(p.input_shape)
+    if attn.residual_connection:
+        hidden_states = hidden_states + p.residual
+    return hidden_states / attn.rescale_output_factor

@@ -1,0 +1,80 @@
+"""List a UNet's attention modules and what is injected where.
+
+Builds the full-size architecture on the meta device from built-in configs (no
+download, no memory) and shows, for every attention module: self- or cross-attention,
+heads x head_dim, query count at the default resolution (SDXL 1024 px, SD1.5 512 px,
+SD2 768 px) and what the preset injects there, plus the IP parameters it saves.
+
+Example:
+
+    instantstyle blocks --arch sdxl --preset style
+    instantstyle blocks --arch sd15 --preset style+layout --json
+    instantstyle blocks --arch sdxl --target up_blocks.0.attentions.1 --cross-only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .architectures import CONFIGS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=sorted(CONFIGS), default="sdxl", help="architecture (default: sdxl)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--preset", default=None, help="preset to inject IP-Adapter into (style, layout, style+layout, all)")
+    group.add_argument("--target", nargs="+", default=None, metavar="PATTERN", help="module-path patterns instead of a preset")
+    parser.add_argument("--cross-only", action="store_true", help="list cross-attention modules only")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
+
+
+def describe_blocks(arch: str, target=None, cross_only: bool = False):
+    """``(rows, summary)`` for ``arch`` with IP-Adapter injected at ``target`` (None: nothing)."""
+    from .architectures import build_meta_unet
+    from .loader import ip_param_counts
+    from .registry import registry_of
+
+    unet = build_meta_unet(arch)
+    registry = registry_of(unet, arch)
+    summary = {"arch": arch, "target": target}
+    if target is not None:
+        registry.inject("ip_adapter[0]", target, "cross")
+        counts = ip_param_counts(unet, target)
+        summary.update(
+            ip_params=counts["held"],
+            ip_params_all_layers=counts["all_layers"],
+            ip_layers=len(registry.injections["ip_adapter[0]"].weights),
+            ip_layers_all=len(registry.candidates("cross")),
+        )
+    rows = registry.table()
+    if cross_only:
+        rows = [r for r in rows if r["kind"] == "cross"]
+    return rows, summary
+
+
+def _table(rows, summary) -> str:
+    width = max(len(r["name"]) for r in rows) if rows else 10
+    lines = [f"{'name':<{width}}  kind   heads x dim  queries  injected"]
+    for r in rows:
+        shape = f"{r['heads']} x {r['head_dim']}"
+        lines.append(f"{r['name']:<{width}}  {r['kind']:<5}  {shape:>11}  {r['queries'] or '-':>7}  {', '.join(r['injected']) or '-'}")
+    if "ip_params" in summary:
+        fp16 = 2 * (summary["ip_params_all_layers"] - summary["ip_params"])
+        lines.append(
+            f"\n{summary['arch']} target {summary['target']!r}: IP weights in {summary['ip_layers']} of "
+            f"{summary['ip_layers_all']} cross-attention layers, {summary['ip_params']:,} of "
+            f"{summary['ip_params_all_layers']:,} parameters ({fp16 / 2**20:.1f} MiB saved in fp16)"
+        )
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    target = args.target if args.target else args.preset
+    try:
+        rows, summary = describe_blocks(args.arch, target, args.cross_only)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(rows, indent=1) if args.json else _table(rows, summary))
+    return 0

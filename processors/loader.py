@@ -1,0 +1,220 @@
+"""``load_ip_adapter``: IP weights only where the targets are, fused processors everywhere.
+
+Results equal diffusers' ``load_ip_adapter`` followed by ``set_ip_adapter_scale`` with
+the matching dict, but layers outside an adapter's targets hold no weights for it
+(SDXL ``style``: 10 of 70 layers) and do no IP work::
+
+    import instantstyle
+    report = instantstyle.load_ip_adapter(pipe, "ip-adapter_sdxl.safetensors", target="style")
+    print(report)  # layers, parameters held and saved
+    image = pipe(prompt, ip_adapter_image_embeds=[embeds]).images[0]
+
+    # layout from image A, style from image B, style only over the first 60% of steps
+    instantstyle.load_ip_adapter(pipe, [ckpt, ckpt], target=["layout", "style"], end_at=[1.0, 0.6])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .checkpoints import layer_ids, layer_weights, num_image_tokens, read_checkpoint
+from .fused_processor import FusedAttnProcessor, FusedIPAdapterAttnProcessor
+from .gating import StepGate, attach_gates
+from .registry import Injection, registry_of
+from .sites import ip_key_ids, ip_sites, unet_of
+from .validation import require_scale
+
+
+@dataclass
+class AdapterReport:
+    source: str
+    num_tokens: int
+    target: object
+    layers: List[str]  # attn_processors keys holding this adapter's weights
+    gate: Optional[StepGate] = None
+
+
+@dataclass
+class LoadReport:
+    """What was loaded, and what the targets saved against loading every layer."""
+
+    adapters: List[AdapterReport]
+    ip_params: int  # IP K/V parameters held
+    ip_params_all_layers: int  # what diffusers' loader would hold
+    bytes_per_param: int
+    replaced: Dict[str, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def params_saved(self) -> int:
+        return self.ip_params_all_layers - self.ip_params
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.params_saved * self.bytes_per_param
+
+    def __str__(self) -> str:
+        lines = [
+            f"adapter {i} ({a.source}, {a.num_tokens} tokens/image): {len(a.layers)} layers"
+            + (f", {a.gate}" if a.gate is not None else "")
+            for i, a in enumerate(self.adapters)
+        ]
+        lines.append(
+            f"IP parameters: {self.ip_params:,} held of {self.ip_params_all_layers:,} "
+            f"({self.params_saved:,} / {self.bytes_saved / 2**20:.1f} MiB saved)"
+        )
+        return "\n".join(lines)
+
+
+def layer_params(site) -> int:
+    """K and V projection parameters one adapter adds to a layer."""
+    return 2 * site.module.to_k.in_features * site.module.to_k.out_features
+
+
+def ip_param_counts(model_or_pipeline, target, num_adapters: int = 1) -> Dict[str, int]:
+    """``{"held", "all_layers"}`` IP parameter counts for ``target`` (meta models work too)."""
+    unet = unet_of(model_or_pipeline)
+    sites = ip_sites(unet)
+    chosen = registry_of(unet).resolve(target, "cross")
+    return {
+        "held": num_adapters * sum(layer_params(s) for s in sites if s.name in chosen),
+        "all_layers": num_adapters * sum(layer_params(s) for s in sites),
+    }
+
+
+def _per_adapter(name: str, value, n: int) -> list:
+    """With several checkpoints a list gives one entry per checkpoint; anything else is shared."""
+    if n > 1 and isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: expected one entry per checkpoint ({n}) or one value for all, got {len(value)}")
+        return list(value)
+    return [value] * n
+
+
+def _scaled(scale, weight):
+    """Adapter scale times layer weight; either may be a per-image list."""
+    if isinstance(scale, list) and isinstance(weight, list):
+        raise ValueError(f"scale: a per-image scale list {scale} can't combine with per-image target weights {weight}")
+    if isinstance(scale, list):
+        return [s * weight for s in scale]
+    if isinstance(weight, list):
+        return [scale * w for w in weight]
+    return scale * weight
+
+
+def load_ip_adapter(
+    model_or_pipeline,
+    checkpoint,
+    target="all",
+    scale=1.0,
+    *,
+    start_at=0.0,
+    end_at=1.0,
+    arch: Optional[str] = None,
+) -> LoadReport:
+    """Load one or several IP-Adapters, each into its own target layers only.
+
+    Args:
+        model_or_pipeline: a diffusers UNet or a pipeline with ``.unet``.
+        checkpoint: a path to a ``.bin``/``.safetensors`` file in the original IP-Adapter
+            layout or such a state dict; or a list of them (one IP-Adapter each, in the
+            order the pipeline's ``ip_adapter_image(_embeds)`` lists them).
+        target: where to inject, see :mod:`instantstyle.processors.registry` (preset,
+            patterns, or a ``set_ip_adapter_scale`` dict).  With several checkpoints, a
+            list gives one target per checkpoint (so patterns go in a nested list:
+            ``[["up_blocks.1"], "style"]``); anything else applies to all.
+        scale: per adapter a number (or a per-image list, with masks); a layer's scale is
+            ``scale`` times its target weight.  diffusers' ``set_ip_adapter_scale`` still
+            works afterwards.
+        start_at, end_at: active range over the denoising schedule, per adapter or one for
+            all (``gating``).
+        arch: override architecture detection ("sdxl", "sd15", "sd2").
+
+    Like diffusers, a new call replaces previously loaded adapters.  The image encoder is
+    not loaded: give the pipeline one, or pass ``ip_adapter_image_embeds``.
+    """
+    unet = unet_of(model_or_pipeline)
+    checkpoints = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+    if not checkpoints:
+        raise ValueError("checkpoint: expected at least one checkpoint, got an empty list")
+    n = len(checkpoints)
+    targets = _per_adapter("target", target, n)
+    scales = [require_scale(f"scale[{i}]" if n > 1 else "scale", s) for i, s in enumerate(_per_adapter("scale", scale, n))]
+    starts, ends = _per_adapter("start_at", start_at, n), _per_adapter("end_at", end_at, n)
+
+    states = [read_checkpoint(c) for c in checkpoints]
+    sites = ip_sites(unet)
+    key_ids = ip_key_ids(unet)
+    registry = registry_of(unet, arch)
+    weights = [registry.resolve(t, "cross") for t in targets]
+    expected_ids = sorted(key_ids.values())
+    for state, source in states:
+        found = layer_ids(state)
+        if found != expected_ids:
+            raise ValueError(
+                f"{source}: holds {len(found)} IP layers (ids {found[:1]}..{found[-1:]}), this UNet has "
+                f"{len(expected_ids)} cross-attention layers (ids 1..{expected_ids[-1] if expected_ids else '-'}); "
+                "is the checkpoint for another architecture (SD1.5 vs SDXL)?"
+            )
+    train_steps = getattr(getattr(model_or_pipeline, "scheduler", None), "config", {}).get("num_train_timesteps", 1000)
+    gates = [StepGate(s, e, train_steps) for s, e in zip(starts, ends)]
+    gates = [None if g.always_open else g for g in gates]
+    tokens = [num_image_tokens(state["image_proj"]) for state, _ in states]
+
+    # Build and check everything before touching the UNet, so a bad checkpoint leaves it as it was.
+    procs = {name: proc for name, proc in unet.attn_processors.items() if not name.startswith("encoder_hid_proj.")}
+    old = dict(procs)
+    held_params = 0
+    for site in sites:
+        held = [a for a in range(n) if site.name in weights[a]]
+        if not held:
+            procs[site.name] = FusedAttnProcessor()
+            continue
+        attn = site.module
+        shape = (attn.to_k.out_features, attn.to_k.in_features)
+        proc = FusedIPAdapterAttnProcessor(
+            hidden_size=shape[0],
+            cross_attention_dim=shape[1],
+            num_tokens=tokens,
+            scale=[_scaled(scales[a], weights[a][site.name]) if a in held else 0.0 for a in range(n)],
+            adapter_ids=held,
+        )
+        values = {}
+        for j, a in enumerate(held):
+            state, source = states[a]
+            k, v = layer_weights(state, source, key_ids[site.name], shape)
+            values[f"to_k_ip.{j}.weight"], values[f"to_v_ip.{j}.weight"] = k, v
+        proc.load_state_dict(values)
+        proc.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
+        proc.gates = list(gates)
+        procs[site.name] = proc
+        held_params += len(held) * layer_params(site)
+
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+    projections = []
+    for state, source in states:
+        try:
+            projections.append(unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=False))
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ValueError(f"{source}: image_proj does not fit diffusers' converter: {exc}") from exc
+
+    # As diffusers: keep Kolors' text projection, and drop the old image projection
+    # before setting processors (IP-Adapter Plus' projection has processors of its own).
+    if unet.encoder_hid_proj is not None and unet.config.encoder_hid_dim_type == "text_proj" and not hasattr(unet, "text_encoder_hid_proj"):
+        unet.text_encoder_hid_proj = unet.encoder_hid_proj
+    unet.encoder_hid_proj = None
+    unet.set_attn_processor(procs)
+    # (diffusers then calls unet.to(...), which warns about fp32 modules; only new modules need moving)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(projections).to(device=unet.device, dtype=unet.dtype)
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    attach_gates(unet, gates)
+
+    registry.remove("ip_adapter")
+    reports = []
+    for a, ((_, source), t) in enumerate(zip(states, targets)):
+        registry.injections[f"ip_adapter[{a}]"] = Injection(f"ip_adapter[{a}]", "cross", weights[a], {"target": t, "source": source})
+        reports.append(AdapterReport(source, tokens[a], t, list(weights[a]), gates[a]))
+    all_params = n * sum(layer_params(s) for s in sites)
+    return LoadReport(reports, held_params, all_params, torch.finfo(unet.dtype).bits // 8, {k: old[k] for k in procs if procs[k] is not old[k]})
