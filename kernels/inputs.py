@@ -22,9 +22,10 @@ Scale = Union[float, torch.Tensor]
 class AttentionInputs:
     """Checked inputs in the op's canonical form.
 
-    ``ip_scale`` is ``(S, B)`` float32 and ``ip_mask`` ``(S, B, N)`` (or None when no
-    stream has a mask) so a kernel sees one tensor per concept, whatever the caller
-    passed.  ``text_bias`` is additive float32 ``(B, Lt)`` (bool masks become 0/-inf).
+    ``ip_scale`` is ``(S, B)`` and ``ip_mask`` ``(S, B, N)`` (or None when no stream
+    has a mask) so a kernel sees one tensor per concept, whatever the caller passed.
+    ``text_bias`` is additive ``(B, Lt)`` (bool masks become 0/-inf).  All three are
+    float32, or float64 for float64 queries (so a scale like 0.6 stays exact there).
     """
 
     q: torch.Tensor
@@ -88,6 +89,11 @@ def _as_list(name: str, value, allow_none: bool = False) -> list:
     return list(value)
 
 
+def _param_dtype(q: torch.Tensor) -> torch.dtype:
+    """Dtype of scales, masks and biases: fp32 accumulation, fp64 for fp64 inputs."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _finite_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
@@ -99,13 +105,13 @@ def _finite_float(name: str, value) -> float:
     return value
 
 
-def _scale_tensor(ip_scale, num_streams: int, batch: int, device) -> torch.Tensor:
-    """Per stream: a float, or a ``(B,)`` tensor of per-sample scales -> ``(S, B)`` float32."""
+def _scale_tensor(ip_scale, num_streams: int, batch: int, device, dtype) -> torch.Tensor:
+    """Per stream: a float, or a ``(B,)`` tensor of per-sample scales -> ``(S, B)`` in ``dtype``."""
     if isinstance(ip_scale, torch.Tensor) and ip_scale.dim() == 2:  # already canonical (S, B)
         _require_shape("ip_scale", ip_scale, (num_streams, batch), "(S, B)")
         if ip_scale.device != device:
             raise ValueError(f"ip_scale: expected device {device} (q's device), got {ip_scale.device}")
-        return ip_scale.to(torch.float32)
+        return ip_scale.to(dtype)
     if isinstance(ip_scale, (numbers.Real, torch.Tensor)):
         ip_scale = [ip_scale] * num_streams  # one value (or one (B,) tensor) for every stream
     scales = _as_list("ip_scale", ip_scale)
@@ -122,18 +128,18 @@ def _scale_tensor(ip_scale, num_streams: int, batch: int, device) -> torch.Tenso
                 raise ValueError(f"{name}: expected device {device} (q's device), got {s.device}")
             if not s.is_floating_point():
                 raise TypeError(f"{name}: expected a floating-point tensor, got {s.dtype}")
-            rows.append(s.to(torch.float32))
+            rows.append(s.to(dtype))
         else:
             # ones * s, not full(s): under torch.compile a float scale stays a graph input
             # (dynamo "tensorifies" it) instead of being baked in and guarded on.
-            rows.append(torch.ones((batch,), dtype=torch.float32, device=device) * _finite_float(name, s))
+            rows.append(torch.ones((batch,), dtype=dtype, device=device) * _finite_float(name, s))
     if not rows:
-        return torch.zeros((0, batch), dtype=torch.float32, device=device)
+        return torch.zeros((0, batch), dtype=dtype, device=device)
     return torch.stack(rows)
 
 
 def _mask_tensor(ip_mask, num_streams: int, batch: int, n: int, q: torch.Tensor):
-    """Per stream: None or ``(B, N)`` weights -> ``(S, B, N)`` float32, or None if no mask at all."""
+    """Per stream: None or ``(B, N)`` weights -> ``(S, B, N)``, or None if no mask at all."""
     masks = _as_list("ip_mask", ip_mask, allow_none=True)
     if not masks or all(m is None for m in masks):
         return None
@@ -143,12 +149,12 @@ def _mask_tensor(ip_mask, num_streams: int, batch: int, n: int, q: torch.Tensor)
     for i, m in enumerate(masks):
         name = f"ip_mask[{i}]"
         if m is None:
-            rows.append(torch.ones((batch, n), dtype=torch.float32, device=q.device))
+            rows.append(torch.ones((batch, n), dtype=_param_dtype(q), device=q.device))
             continue
         _require_tensor(name, m)
         _require_shape(name, m, (batch, n), "(B, N)")
         _require_like(name, m, q, dtype=False)
-        rows.append(m.to(torch.float32))
+        rows.append(m.to(_param_dtype(q)))
     return torch.stack(rows)
 
 
@@ -160,11 +166,11 @@ def _bias_tensor(text_bias, batch: int, lt: int, q: torch.Tensor):
     _require_shape("text_bias", text_bias, (batch, lt), "(B, Lt)")
     _require_like("text_bias", text_bias, q, dtype=False)
     if text_bias.dtype == torch.bool:
-        zero = torch.zeros((), dtype=torch.float32, device=q.device)
+        zero = torch.zeros((), dtype=_param_dtype(q), device=q.device)
         return torch.where(text_bias, zero, zero - math.inf)
     if not text_bias.is_floating_point():
         raise TypeError(f"text_bias: expected a bool or floating-point tensor, got {text_bias.dtype}")
-    return text_bias.to(torch.float32)
+    return text_bias.to(_param_dtype(q))
 
 
 def normalize_inputs(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text_bias=None, sm_scale=None) -> AttentionInputs:
@@ -200,7 +206,7 @@ def normalize_inputs(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text
 
     S = len(ip_k)
     sm_scale = D ** -0.5 if sm_scale is None else _finite_float("sm_scale", sm_scale)
-    scales = _scale_tensor(ip_scale, S, B, q.device)
+    scales = _scale_tensor(ip_scale, S, B, q.device, _param_dtype(q))
     masks = _mask_tensor(ip_mask, S, B, N, q)
     # A stream whose scale is the Python number 0 is known to contribute nothing
     # without looking at device memory: drop it here so no backend pays for it.

@@ -114,3 +114,11 @@ def test_scale_and_mask_enter_linearly():
     torch.testing.assert_close(two - one, one - none)
     torch.testing.assert_close(one[:, :5], none[:, :5])
     assert (one[:, 5:] - none[:, 5:]).abs().min() > 0
+
+
+def test_float64_keeps_inexact_scales_exact():
+    """0.6 is not representable in fp32; fp64 inputs must not round it (fp64 tolerance is 1e-12)."""
+    kwargs = make_case(2, 12, 2, 16, 5, (4,), torch.float64, masks=True, bias="additive")
+    run = lambda s: decoupled_attention(**dict(kwargs, ip_scale=[s]), backend="torch")  # noqa: E731
+    base = run(0)
+    check_close(run(0.6) - base, 0.6 * (run(1.0) - base), "fp64")
