@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 ARCHS = {"sm_80": 80, "sm_90": 90}
 #: Triton signature type per torch dtype name used by the dispatch.
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-_POINTERS = ("Q", "K", "V", "IPK", "IPV", "O")
-_FP32_POINTERS = ("TEXT_BIAS", "IP_SCALE", "IP_MASK")
+_POINTERS = ("Q", "K", "V", "IPK", "IPV", "O", "JK", "JV")
+_FP32_POINTERS = ("TEXT_BIAS", "IP_SCALE", "IP_MASK", "JOINT_BIAS")
 
 
 @dataclass

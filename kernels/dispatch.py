@@ -62,6 +62,8 @@ def triton_unsupported(inputs: AttentionInputs, explicit: bool = False) -> Optio
     named = {"q": q, "k": inputs.k, "v": inputs.v}
     named.update({f"ip_k[{i}]": t for i, t in enumerate(inputs.ip_k)})
     named.update({f"ip_v[{i}]": t for i, t in enumerate(inputs.ip_v)})
+    if inputs.joint_k is not None:
+        named.update(joint_k=inputs.joint_k, joint_v=inputs.joint_v)
     for name, t in named.items():
         if t.stride(-1) != 1:
             return f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}"
@@ -110,7 +112,8 @@ def choose_backend(inputs: AttentionInputs, backend: str = "auto") -> Dispatch:
     raise AssertionError("the torch backend supports every input")  # pragma: no cover
 
 
-def explain_dispatch(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text_bias=None, sm_scale=None, backend="auto") -> Dispatch:
+def explain_dispatch(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text_bias=None, sm_scale=None, backend="auto",
+                     *, joint_k=None, joint_v=None, joint_bias=None) -> Dispatch:
     """Say which backend :func:`decoupled_attention` would run for these arguments, and why not the others."""
-    inputs = normalize_inputs(q, k, v, ip_k, ip_v, ip_scale, ip_mask, text_bias, sm_scale)
+    inputs = normalize_inputs(q, k, v, ip_k, ip_v, ip_scale, ip_mask, text_bias, sm_scale, joint_k, joint_v, joint_bias)
     return choose_backend(inputs, backend)

@@ -24,7 +24,8 @@ class AttentionInputs:
 
     ``ip_scale`` is ``(S, B)`` and ``ip_mask`` ``(S, B, N)`` (or None when no stream
     has a mask) so a kernel sees one tensor per concept, whatever the caller passed.
-    ``text_bias`` is additive ``(B, Lt)`` (bool masks become 0/-inf).  All three are
+    ``text_bias`` is additive ``(B, Lt)`` (bool masks become 0/-inf), as is ``joint_bias``
+    over the optional joint keys ``joint_k``/``joint_v``, which share the text softmax.  All are
     float32, or float64 for float64 queries (so a scale like 0.6 stays exact there).
     """
 
@@ -37,6 +38,9 @@ class AttentionInputs:
     ip_mask: Optional[torch.Tensor]
     text_bias: Optional[torch.Tensor]
     sm_scale: float
+    joint_k: Optional[torch.Tensor] = None
+    joint_v: Optional[torch.Tensor] = None
+    joint_bias: Optional[torch.Tensor] = None
 
     @property
     def shape(self):
@@ -47,10 +51,28 @@ class AttentionInputs:
     def num_streams(self) -> int:
         return len(self.ip_k)
 
+    def joint_softmax_keys(self):
+        """``(k, v, bias)`` of the first softmax: the text keys, then any joint keys.
+
+        The fused kernel walks both in one online softmax; the reference and the torch
+        backend concatenate them (a copy of K/V, the price of running anywhere).
+        """
+        if self.joint_k is None:
+            return self.k, self.v, self.text_bias
+        k = torch.cat([self.k, self.joint_k], dim=1)
+        v = torch.cat([self.v, self.joint_v], dim=1)
+        bias = None
+        if self.text_bias is not None or self.joint_bias is not None:
+            zeros = lambda n: torch.zeros(self.q.shape[0], n, dtype=self.ip_scale.dtype, device=self.q.device)  # noqa: E731
+            text = self.text_bias if self.text_bias is not None else zeros(self.k.shape[1])
+            joint = self.joint_bias if self.joint_bias is not None else zeros(self.joint_k.shape[1])
+            bias = torch.cat([text, joint], dim=1)
+        return k, v, bias
+
     @property
     def tensors(self):
         """Every input tensor, for device/grad/stride checks."""
-        extra = [t for t in (self.ip_mask, self.text_bias) if t is not None]
+        extra = [t for t in (self.ip_mask, self.text_bias, self.joint_k, self.joint_v, self.joint_bias) if t is not None]
         return [self.q, self.k, self.v, *self.ip_k, *self.ip_v, self.ip_scale, *extra]
 
 
@@ -158,22 +180,43 @@ def _mask_tensor(ip_mask, num_streams: int, batch: int, n: int, q: torch.Tensor)
     return torch.stack(rows)
 
 
-def _bias_tensor(text_bias, batch: int, lt: int, q: torch.Tensor):
-    """``(B, Lt)`` key-padding bias: bool (True = attend, as SDPA) or additive floats."""
-    if text_bias is None:
+def _bias_tensor(name: str, bias, batch: int, length: int, q: torch.Tensor):
+    """``(B, L)`` key-padding bias: bool (True = attend, as SDPA) or additive floats."""
+    if bias is None:
         return None
-    _require_tensor("text_bias", text_bias)
-    _require_shape("text_bias", text_bias, (batch, lt), "(B, Lt)")
-    _require_like("text_bias", text_bias, q, dtype=False)
-    if text_bias.dtype == torch.bool:
+    _require_tensor(name, bias)
+    _require_shape(name, bias, (batch, length), "(B, L)" if name == "joint_bias" else "(B, Lt)")
+    _require_like(name, bias, q, dtype=False)
+    if bias.dtype == torch.bool:
         zero = torch.zeros((), dtype=_param_dtype(q), device=q.device)
-        return torch.where(text_bias, zero, zero - math.inf)
-    if not text_bias.is_floating_point():
-        raise TypeError(f"text_bias: expected a bool or floating-point tensor, got {text_bias.dtype}")
-    return text_bias.to(_param_dtype(q))
+        return torch.where(bias, zero, zero - math.inf)
+    if not bias.is_floating_point():
+        raise TypeError(f"{name}: expected a bool or floating-point tensor, got {bias.dtype}")
+    return bias.to(_param_dtype(q))
 
 
-def normalize_inputs(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text_bias=None, sm_scale=None) -> AttentionInputs:
+def _joint_tensors(joint_k, joint_v, joint_bias, q: torch.Tensor):
+    """Checked ``(B, Lj, H, D)`` joint keys/values and their bias, or three Nones."""
+    if joint_k is None and joint_v is None:
+        if joint_bias is not None:
+            raise ValueError("joint_bias: given without joint_k and joint_v")
+        return None, None, None
+    if joint_k is None or joint_v is None:
+        raise ValueError(f"joint_k, joint_v: expected both or neither, got {'joint_v' if joint_k is None else 'joint_k'} only")
+    B, _, H, D = q.shape
+    _require_tensor("joint_k", joint_k)
+    _require_tensor("joint_v", joint_v)
+    _require_shape("joint_k", joint_k, (B, None, H, D), "(B, Lj, H, D)")
+    _require_shape("joint_v", joint_v, (B, joint_k.shape[1], H, D), "(B, Lj, H, D)")
+    if joint_k.shape[1] == 0:
+        raise ValueError(f"joint_k: expected at least one joint token (Lj >= 1), got shape {_shape(joint_k)}")
+    _require_like("joint_k", joint_k, q)
+    _require_like("joint_v", joint_v, q)
+    return joint_k, joint_v, _bias_tensor("joint_bias", joint_bias, B, joint_k.shape[1], q)
+
+
+def normalize_inputs(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text_bias=None, sm_scale=None,
+                     joint_k=None, joint_v=None, joint_bias=None) -> AttentionInputs:
     """Check every argument of :func:`decoupled_attention` and bring it to canonical form."""
     q = _require_tensor("q", q)
     if q.dim() != 4:
@@ -205,6 +248,7 @@ def normalize_inputs(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text
         _require_like(f"ip_v[{i}]", iv, q)
 
     S = len(ip_k)
+    joint_k, joint_v, joint_bias = _joint_tensors(joint_k, joint_v, joint_bias, q)
     sm_scale = D ** -0.5 if sm_scale is None else _finite_float("sm_scale", sm_scale)
     scales = _scale_tensor(ip_scale, S, B, q.device, _param_dtype(q))
     masks = _mask_tensor(ip_mask, S, B, N, q)
@@ -224,8 +268,11 @@ def normalize_inputs(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text
         ip_v=tuple(ip_v),
         ip_scale=scales,
         ip_mask=masks,
-        text_bias=_bias_tensor(text_bias, B, k.shape[1], q),
+        text_bias=_bias_tensor("text_bias", text_bias, B, k.shape[1], q),
         sm_scale=sm_scale,
+        joint_k=joint_k,
+        joint_v=joint_v,
+        joint_bias=joint_bias,
     )
 
 

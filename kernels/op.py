@@ -36,13 +36,16 @@ def decoupled_attention_op(
     text_bias: Optional[torch.Tensor],
     sm_scale: float,
     backend: str,
+    joint_k: Optional[torch.Tensor] = None,
+    joint_v: Optional[torch.Tensor] = None,
+    joint_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    inputs = AttentionInputs(q, k, v, tuple(ip_k), tuple(ip_v), ip_scale, ip_mask, text_bias, sm_scale)
+    inputs = AttentionInputs(q, k, v, tuple(ip_k), tuple(ip_v), ip_scale, ip_mask, text_bias, sm_scale, joint_k, joint_v, joint_bias)
     return RUNNERS[choose_backend(inputs, backend).backend](inputs)
 
 
 @decoupled_attention_op.register_fake
-def _decoupled_attention_fake(q, k, v, ip_k, ip_v, ip_scale, ip_mask, text_bias, sm_scale, backend):
+def _decoupled_attention_fake(q, k, v, ip_k, ip_v, ip_scale, ip_mask, text_bias, sm_scale, backend, joint_k=None, joint_v=None, joint_bias=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous (B, N, H, D)
 
 
@@ -57,10 +60,14 @@ def decoupled_attention(
     text_bias=None,
     sm_scale: Optional[float] = None,
     backend: str = "auto",
+    *,
+    joint_k: Optional[torch.Tensor] = None,
+    joint_v: Optional[torch.Tensor] = None,
+    joint_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decoupled cross-attention, the math of diffusers' ``IPAdapterAttnProcessor2_0``::
 
-        out = softmax(q k^T * sm_scale + text_bias) v
+        out = softmax(q [k; joint_k]^T * sm_scale + [text_bias; joint_bias]) [v; joint_v]
             + sum_i scale_i[b] * mask_i[b, n] * softmax(q k_i^T * sm_scale) v_i
 
     Args:
@@ -73,11 +80,15 @@ def decoupled_attention(
         text_bias: optional ``(B, Lt)`` key-padding bias: bool (True = attend) or additive.
         sm_scale: softmax scale, ``D ** -0.5`` by default.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``; see :func:`explain_dispatch`.
+        joint_k, joint_v: optional ``(B, Lj, H, D)`` keys/values that join the FIRST softmax
+            next to the text keys (StyleAligned's shared reference tokens, SD3-style joint
+            IP keys); the fused kernel walks them without concatenating.
+        joint_bias: optional ``(B, Lj)`` logit bias on the joint keys (bool or additive).
 
     Returns:
         ``(B, N, H, D)`` in q's dtype, contiguous, so ``.view(B, N, H * D)`` is free.
     """
-    inputs = normalize_inputs(q, k, v, ip_k, ip_v, ip_scale, ip_mask, text_bias, sm_scale)
+    inputs = normalize_inputs(q, k, v, ip_k, ip_v, ip_scale, ip_mask, text_bias, sm_scale, joint_k, joint_v, joint_bias)
     if _needs_grad(inputs):
         # Custom ops have no autograd formula here; the composite torch path does.
         choose_backend(inputs, "torch" if backend == "auto" else backend)  # explicit triton -> clear error
@@ -89,4 +100,5 @@ def decoupled_attention(
     return torch.ops.instantstyle.decoupled_attention(
         inputs.q, inputs.k, inputs.v, list(inputs.ip_k), list(inputs.ip_v),
         inputs.ip_scale, inputs.ip_mask, inputs.text_bias, inputs.sm_scale, backend,
+        inputs.joint_k, inputs.joint_v, inputs.joint_bias,
     )

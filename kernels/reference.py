@@ -1,6 +1,6 @@
 """Readable float64 reference of decoupled cross-attention.
 
-    out[b, n, h] = softmax(q k^T * sm_scale + text_bias) v
+    out[b, n, h] = softmax(q [k; k_joint]^T * sm_scale + [text_bias; joint_bias]) [v; v_joint]
                  + sum_i  scale_i[b] * mask_i[b, n] * softmax(q k_i^T * sm_scale) v_i
 
 Written as plainly as possible (explicit matmul and softmax, no SDPA) so that it can
@@ -27,8 +27,9 @@ def _softmax_attention(q, k, v, sm_scale, bias=None):
 def reference_decoupled_attention(inputs: AttentionInputs, dtype=torch.float64) -> torch.Tensor:
     """Compute the op in ``dtype`` (float64 by default) from checked inputs."""
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    q, k, v = cast(inputs.q), cast(inputs.k), cast(inputs.v)
-    out = _softmax_attention(q, k, v, inputs.sm_scale, cast(inputs.text_bias))
+    k, v, bias = inputs.joint_softmax_keys()
+    q, k, v = cast(inputs.q), cast(k), cast(v)
+    out = _softmax_attention(q, k, v, inputs.sm_scale, cast(bias))
     for i, (ik, iv) in enumerate(zip(inputs.ip_k, inputs.ip_v)):
         weight = cast(inputs.ip_scale[i])[:, None]  # (B, 1)
         if inputs.ip_mask is not None:

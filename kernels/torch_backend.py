@@ -19,12 +19,10 @@ def _heads_first(t: torch.Tensor) -> torch.Tensor:
 
 def torch_decoupled_attention(inputs: AttentionInputs) -> torch.Tensor:
     q = _heads_first(inputs.q)
-    bias = None
-    if inputs.text_bias is not None:
-        bias = inputs.text_bias[:, None, None, :].to(q.dtype)  # (B, 1, 1, Lt)
-    out = F.scaled_dot_product_attention(
-        q, _heads_first(inputs.k), _heads_first(inputs.v), attn_mask=bias, scale=inputs.sm_scale
-    )
+    k, v, bias = inputs.joint_softmax_keys()
+    if bias is not None:
+        bias = bias[:, None, None, :].to(q.dtype)  # (B, 1, 1, Lt + Lj)
+    out = F.scaled_dot_product_attention(q, _heads_first(k), _heads_first(v), attn_mask=bias, scale=inputs.sm_scale)
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in inputs.tensors)
     if differentiable:
         out = out.clone()  # SDPA's output is saved for backward; never add into it in place

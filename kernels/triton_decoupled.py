@@ -3,8 +3,9 @@
 One program owns a BLOCK_M x D tile of queries for one (batch, head).  It reads that
 tile ONCE, then
 
-1. attends over the text keys with an online softmax (keys longer than one block are
-   looped), normalises, and keeps the result in a single fp32 accumulator;
+1. attends over the text keys (and any joint keys, which extend the same softmax) with
+   an online softmax (keys longer than one block are looped), normalises, and keeps the
+   result in a single fp32 accumulator;
 2. for every IP stream whose scale for this sample is non-zero, makes two passes over
    the stream's keys: the first finds the row max and normaliser, the second adds
    ``scale * mask * softmax(q k_i^T) v_i`` straight into the same accumulator;
@@ -68,6 +69,30 @@ def _safe_max(m):
 
 
 @triton.jit
+def _online_softmax_pass(
+    acc, m_i, l_i, q, K, V, BIAS, length, stride_kn, stride_vn, stride_bias_n, offs_d, HEAD_DIM, qk_scale,
+    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Fold ``length`` keys into the running (acc, row max, row sum) of one softmax."""
+    for start_n in range(0, length, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < length
+        k = _load_keys_t(K, offs_n, offs_d, stride_kn, length, HEAD_DIM, DOT_FP32)
+        qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        bias = tl.load(BIAS + offs_n * stride_bias_n, mask=key_ok, other=0.0)
+        qk = tl.where(key_ok[None, :], qk + bias[None, :] * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = _safe_max(m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_values(V, offs_n, offs_d, stride_vn, length, HEAD_DIM, DOT_FP32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decoupled_attn_fwd(
     # pointers
     Q, K, V, IPK, IPV, O,
@@ -75,8 +100,10 @@ def _decoupled_attn_fwd(
     IP_SCALE,  # (S, B) fp32
     IP_MASK,  # (S, B, N) fp32, or a 1-element one with zero strides
     IP_OFFSETS,  # (S + 1,) int32: stream s owns IP tokens [off[s], off[s + 1])
+    JK, JV,  # joint keys/values: they extend the text softmax (LJ = 0 when absent)
+    JOINT_BIAS,  # (B, Lj) additive fp32, or a 1-element zero with zero strides
     # sizes
-    N, H, HEAD_DIM, LT, NUM_STREAMS,
+    N, H, HEAD_DIM, LT, LJ, NUM_STREAMS,
     qk_scale,  # sm_scale * log2(e): softmax runs in base 2
     # strides (elements); the last dim of every tensor is contiguous
     stride_qb, stride_qn, stride_qh,
@@ -85,7 +112,10 @@ def _decoupled_attn_fwd(
     stride_ipkb, stride_ipkn, stride_ipkh,
     stride_ipvb, stride_ipvn, stride_ipvh,
     stride_ob, stride_on, stride_oh,
+    stride_jkb, stride_jkn, stride_jkh,
+    stride_jvb, stride_jvn, stride_jvh,
     stride_bias_b, stride_bias_n,
+    stride_jbias_b, stride_jbias_n,
     stride_scale_s, stride_scale_b,
     stride_mask_s, stride_mask_b, stride_mask_n,
     # meta-parameters
@@ -113,29 +143,24 @@ def _decoupled_attn_fwd(
     if DOT_FP32:
         q = q.to(tl.float32)
 
-    # ---- text: online softmax over Lt keys --------------------------------------
-    k_base = K + off_b64 * stride_kb + off_h * stride_kh
-    v_base = V + off_b64 * stride_vb + off_h * stride_vh
-    bias_base = TEXT_BIAS + off_b64 * stride_bias_b
+    # ---- text (+ joint) keys: one online softmax --------------------------------
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, LT, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < LT
-        k = _load_keys_t(k_base, offs_n, offs_d, stride_kn, LT, HEAD_DIM, DOT_FP32)
-        qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
-        bias = tl.load(bias_base + offs_n * stride_bias_n, mask=key_ok, other=0.0)
-        qk = tl.where(key_ok[None, :], qk + bias[None, :] * LOG2E, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = _safe_max(m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_values(v_base, offs_n, offs_d, stride_vn, LT, HEAD_DIM, DOT_FP32)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        m_i = m_new
-    # Rows with every text key masked give 0 (as SDPA does): acc is 0 there, so divide by 1.
+    acc, m_i, l_i = _online_softmax_pass(
+        acc, m_i, l_i, q,
+        K + off_b64 * stride_kb + off_h * stride_kh, V + off_b64 * stride_vb + off_h * stride_vh,
+        TEXT_BIAS + off_b64 * stride_bias_b, LT, stride_kn, stride_vn, stride_bias_n,
+        offs_d, HEAD_DIM, qk_scale, BLOCK_N, DOT_FP32, INPUT_PRECISION,
+    )
+    # Joint keys continue the same softmax, read in place: no [K; K_joint] copy.
+    acc, m_i, l_i = _online_softmax_pass(
+        acc, m_i, l_i, q,
+        JK + off_b64 * stride_jkb + off_h * stride_jkh, JV + off_b64 * stride_jvb + off_h * stride_jvh,
+        JOINT_BIAS + off_b64 * stride_jbias_b, LJ, stride_jkn, stride_jvn, stride_jbias_n,
+        offs_d, HEAD_DIM, qk_scale, BLOCK_N, DOT_FP32, INPUT_PRECISION,
+    )
+    # Rows with every key masked give 0 (as SDPA does): acc is 0 there, so divide by 1.
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
 
     # ---- IP streams: two passes each, added into the same accumulator -----------
@@ -219,7 +244,7 @@ _WIDE = ((128, 64, 16, 8, 2), (128, 64, 64, 8, 2))
 _TILES = {
     ("sm_90", "half"): {16: _WIDE, 32: _WIDE, 64: _WIDE, 128: ((128, 32, 16, 8, 1), (128, 32, 32, 8, 1)),
                         256: ((64, 32, 16, 8, 1), (64, 32, 16, 8, 1))},
-    ("sm_90", "fp32"): {16: _WIDE, 32: _WIDE, 64: ((128, 64, 16, 8, 2), (128, 64, 64, 8, 1)),
+    ("sm_90", "fp32"): {16: _WIDE, 32: _WIDE, 64: ((128, 64, 16, 8, 1), (128, 64, 64, 8, 1)),
                         128: ((128, 32, 16, 8, 1), (64, 32, 32, 4, 1)), 256: ((16, 16, 16, 4, 1),) * 2},
     ("sm_80", "half"): {16: _WIDE, 32: ((128, 64, 16, 8, 1), (128, 64, 64, 8, 2)), 64: _WIDE,
                         128: ((128, 64, 16, 8, 2), (128, 64, 32, 8, 2)), 256: ((16, 16, 16, 4, 1),) * 2},
@@ -268,6 +293,10 @@ def _broadcast_constant(value: float, device) -> tuple:
     return torch.full((1,), value, dtype=torch.float32, device=device), (0, 0, 0)
 
 
+def _bias_or_zero(bias: Optional[torch.Tensor], device) -> tuple:
+    return (bias, bias.stride()) if bias is not None else _broadcast_constant(0.0, device)
+
+
 @functools.lru_cache(maxsize=64)
 def _offsets_on(lengths: tuple, device: torch.device) -> torch.Tensor:
     """The stream offsets table, cached per (lengths, device).
@@ -302,10 +331,10 @@ def triton_decoupled_attention(inputs: AttentionInputs, out: Optional[torch.Tens
         ip_k, ip_v = k, v
     offsets = _offsets_on(lengths or (0,), q.device)
 
-    if inputs.text_bias is not None:
-        bias, bias_strides = inputs.text_bias, inputs.text_bias.stride()
-    else:
-        bias, bias_strides = _broadcast_constant(0.0, q.device)
+    bias, bias_strides = _bias_or_zero(inputs.text_bias, q.device)
+    joint_bias, joint_bias_strides = _bias_or_zero(inputs.joint_bias, q.device)
+    jk, jv = (inputs.joint_k, inputs.joint_v) if inputs.joint_k is not None else (k, v)  # LJ = 0: never read
+    lj = inputs.joint_k.shape[1] if inputs.joint_k is not None else 0
     if inputs.ip_mask is not None:
         mask, mask_strides = inputs.ip_mask, inputs.ip_mask.stride()
     else:
@@ -316,8 +345,8 @@ def triton_decoupled_attention(inputs: AttentionInputs, out: Optional[torch.Tens
     cfg = kernel_config(D, max(lengths, default=1), dtype_name, arch_of(q.device))
     grid = (triton.cdiv(N, cfg.BLOCK_M), B * H)
     _decoupled_attn_fwd[grid](
-        q, k, v, ip_k, ip_v, out, bias, scale, mask, offsets,
-        N, H, D, k.shape[1], len(lengths),
+        q, k, v, ip_k, ip_v, out, bias, scale, mask, offsets, jk, jv, joint_bias,
+        N, H, D, k.shape[1], lj, len(lengths),
         inputs.sm_scale * LOG2E.value,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -325,7 +354,10 @@ def triton_decoupled_attention(inputs: AttentionInputs, out: Optional[torch.Tens
         ip_k.stride(0), ip_k.stride(1), ip_k.stride(2),
         ip_v.stride(0), ip_v.stride(1), ip_v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        jk.stride(0), jk.stride(1), jk.stride(2),
+        jv.stride(0), jv.stride(1), jv.stride(2),
         bias_strides[0], bias_strides[1],
+        joint_bias_strides[0], joint_bias_strides[1],
         scale.stride(0), scale.stride(1),
         mask_strides[0], mask_strides[1], mask_strides[2],
         BLOCK_M=cfg.BLOCK_M,

@@ -22,7 +22,7 @@ def rand_bnhd(B, L, H, D, dtype, layout="contiguous"):
     raise ValueError(layout)
 
 
-def make_case(B, N, H, D, Lt, ip_lens, dtype, layout="contiguous", scales=None, masks=False, bias=None):
+def make_case(B, N, H, D, Lt, ip_lens, dtype, layout="contiguous", scales=None, masks=False, bias=None, joint=0, joint_bias=None):
     """Keyword arguments for ``decoupled_attention`` with random content."""
     q = rand_bnhd(B, N, H, D, dtype, layout)
     k = rand_bnhd(B, Lt, H, D, dtype, layout)
@@ -41,4 +41,11 @@ def make_case(B, N, H, D, Lt, ip_lens, dtype, layout="contiguous", scales=None, 
         kwargs["text_bias"] = keep
     elif bias == "additive":
         kwargs["text_bias"] = torch.randn(B, Lt)
+    if joint:  # reference tokens that join the text softmax (StyleAligned-style)
+        kwargs["joint_k"] = rand_bnhd(B, joint, H, D, dtype, layout)
+        kwargs["joint_v"] = rand_bnhd(B, joint, H, D, dtype, layout)
+        if joint_bias == "additive":
+            kwargs["joint_bias"] = torch.randn(B, joint) + 0.5
+        elif joint_bias == "bool":
+            kwargs["joint_bias"] = torch.rand(B, joint) > 0.5
     return kwargs

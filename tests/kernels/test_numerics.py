@@ -33,6 +33,9 @@ CASES = [
     ("heads_first_views", 2, 70, 2, 64, 77, (4, 257), {"layout": "heads_first"}),
     ("packed_qkv_slices", 2, 50, 2, 80, 77, (4,), {"layout": "slice"}),
     ("per_sample_scales", 3, 40, 2, 64, 77, (4, 16), {"scales": "per_sample"}),
+    ("joint_self_attention_keys", 2, 70, 2, 64, 70, (), {"joint": 70}),
+    ("joint_keys_with_logit_bias_and_ip", 2, 40, 2, 40, 77, (4,), {"joint": 130, "joint_bias": "additive", "bias": "bool"}),
+    ("joint_bool_bias_views", 1, 33, 2, 80, 20, (16,), {"joint": 9, "joint_bias": "bool", "layout": "heads_first"}),
 ]
 
 

@@ -38,6 +38,12 @@ def _good(**over):
         (dict(text_bias=torch.zeros(2, 6)), ValueError, r"text_bias: expected shape \(B, Lt\) = \(2, 5\), got \(2, 6\)"),
         (dict(text_bias=torch.zeros(2, 5, dtype=torch.int32)), TypeError, r"text_bias: expected a bool or floating-point tensor, got torch.int32"),
         (dict(sm_scale=float("inf")), ValueError, r"sm_scale: expected a finite float, got inf"),
+        (dict(joint_k=torch.randn(2, 3, 2, 16)), ValueError, r"joint_k, joint_v: expected both or neither, got joint_k only"),
+        (dict(joint_bias=torch.zeros(2, 3)), ValueError, r"joint_bias: given without joint_k and joint_v"),
+        (dict(joint_k=torch.randn(2, 3, 2, 16), joint_v=torch.randn(2, 4, 2, 16)), ValueError,
+         r"joint_v: expected shape \(B, Lj, H, D\) = \(2, 3, 2, 16\), got \(2, 4, 2, 16\)"),
+        (dict(joint_k=torch.randn(2, 3, 2, 16), joint_v=torch.randn(2, 3, 2, 16), joint_bias=torch.zeros(2, 4)), ValueError,
+         r"joint_bias: expected shape \(B, L\) = \(2, 3\), got \(2, 4\)"),
         (dict(backend="cuda"), ValueError, r"backend: expected one of 'auto', 'triton', 'torch', got 'cuda'"),
     ],
 )
