@@ -157,7 +157,7 @@ def _scale_tensor(ip_scale, num_streams: int, batch: int, device, dtype) -> torc
             rows.append(torch.ones((batch,), dtype=dtype, device=device) * _finite_float(name, s))
     if not rows:
         return torch.zeros((0, batch), dtype=dtype, device=device)
-    return torch.stack(rows)
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)  # one stream: a view, no copy
 
 
 def _mask_tensor(ip_mask, num_streams: int, batch: int, n: int, q: torch.Tensor):

@@ -288,8 +288,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _broadcast_constant(value: float, device) -> tuple:
-    """A 1-element tensor read through zero strides: an absent mask or bias costs no memory."""
+@functools.lru_cache(maxsize=16)
+def _broadcast_constant(value: float, device: torch.device) -> tuple:
+    """A 1-element tensor read through zero strides: an absent mask or bias costs no memory.
+
+    Cached per device, so the steady state launches no fill kernel for it (eager calls at
+    SDXL sizes are launch-bound) and CUDA-graph capture sees a tensor made before it.
+    """
     return torch.full((1,), value, dtype=torch.float32, device=device), (0, 0, 0)
 
 
