@@ -121,8 +121,9 @@ def style_image_embeds(
         tokenizer = tokenizer or getattr(pipe, "tokenizer_2", None)
         if text_encoder is None or tokenizer is None:
             raise ContentSubtractionError(
-                "content_prompt: this pipeline has no text_encoder_2; pass text_encoder= and tokenizer= of a CLIP "
-                "text model with projection that matches the image encoder (ViT-H for SD1.5 adapters)"
+                "content_prompt: this pipeline has no text_encoder_2; give a CLIP text model with projection that "
+                "matches the image encoder (ViT-H for SD1.5 adapters): text_encoder= and tokenizer= in Python, "
+                "--content-text-encoder DIR on the command line"
             )
         text = encode_text(text_encoder, tokenizer, content_prompt)
     out = []

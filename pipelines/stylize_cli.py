@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--ip-adapter", required=True, help="IP-Adapter .bin/.safetensors in the original layout")
     g.add_argument("--image-encoder", required=True, help="CLIP vision model (with projection) folder or hub id")
     g.add_argument("--controlnet", help="ControlNet folder or hub id (needs --control-image)")
+    g.add_argument("--content-text-encoder", metavar="DIR",
+                   help="CLIP text model with projection (and its tokenizer) in the image encoder's space, for "
+                        "--content-prompt with ViT-H adapters (SD1.5); default: the SDXL pipeline's text_encoder_2")
     g = parser.add_argument_group("style")
     g.add_argument("--style", action="append", required=True, metavar="IMAGE", help="style reference (repeatable)")
     g.add_argument("--content-prompt", help="what the reference shows ('a cat'); subtracted from its embedding")
@@ -133,9 +136,17 @@ def stylize(args) -> dict:
     pipe, encoder, processor = _load_pipeline(args, dtype)
     pipe.to(device)
     encoder.to(device)
+    text_encoder = tokenizer = None
+    if args.content_text_encoder:
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        text_encoder = _from_pretrained("--content-text-encoder", CLIPTextModelWithProjection.from_pretrained, args.content_text_encoder,
+                                        torch_dtype=dtype).to(device)
+        tokenizer = _from_pretrained("--content-text-encoder", CLIPTokenizer.from_pretrained, args.content_text_encoder)
     target = args.target if args.target else args.preset
     try:
-        style = InstantStyle(pipe, args.ip_adapter, target=target, scale=args.scale, image_encoder=encoder, image_processor=processor)
+        style = InstantStyle(pipe, args.ip_adapter, target=target, scale=args.scale, image_encoder=encoder, image_processor=processor,
+                             text_encoder=text_encoder, tokenizer=tokenizer)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(f"--ip-adapter / --preset / --target: {exc}") from None
     timings["load_s"] = round(time.perf_counter() - start, 3)

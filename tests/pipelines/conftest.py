@@ -88,41 +88,91 @@ def random_ip_adapter(unet, seed: int = 0) -> dict:
     return {"image_proj": image_proj, "ip_adapter": ip}
 
 
+def _image_encoder(folder):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=2, image_size=32, patch_size=8, projection_dim=PROJ))
+    encoder.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+def _save_ip_adapter(unet, root) -> None:
+    state = random_ip_adapter(unet)
+    torch.save(state, root / "ip-adapter.bin")
+    flat = {f"{part}.{k}": v.contiguous() for part, sub in state.items() for k, v in sub.items()}
+    from safetensors.torch import save_file
+
+    save_file(flat, str(root / "ip-adapter.safetensors"))
+
+
+def _save_images(root) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("style", "style2", "control"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"{name}.png")
+
+
+def _perturb(model):
+    with torch.no_grad():  # default init leaves some layers at zero: make every layer matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory):
+    """A saved tiny SD1.5 pipeline (cross dim 32) with a ViT-H-like setup: the image encoder's
+    projected space (24-d) is NOT the pipeline's text space, so content subtraction needs the
+    separate ``content_text_encoder`` folder (a CLIP text model with projection + tokenizer)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    root = tmp_path_factory.mktemp("tiny-sd15")
+    torch.manual_seed(1)
+    unet = _perturb(UNet2DConditionModel(
+        sample_size=16, block_out_channels=(16, 16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8, layers_per_block=2, cross_attention_dim=CROSS, norm_num_groups=8,
+    ))
+    text_config = _text_config()
+    text_config.hidden_size = CROSS
+    pipe = StableDiffusionPipeline(vae=_tiny_vae(), unet=unet, scheduler=EulerDiscreteScheduler(),
+                                   text_encoder=CLIPTextModel(text_config), tokenizer=_tokenizer(root / "tok"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "model")
+    CLIPTextModelWithProjection(_text_config(projection_dim=PROJ)).save_pretrained(root / "content_text_encoder")
+    _tokenizer(root / "tok_content").save_pretrained(root / "content_text_encoder")
+    _image_encoder(root / "image_encoder")
+    _save_ip_adapter(unet, root)
+    _save_images(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     """Paths of a saved tiny SDXL pipeline, image encoder, ControlNet, IP-Adapter and images."""
-    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from safetensors.torch import save_file
-    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = tmp_path_factory.mktemp("tiny-sdxl")
     torch.manual_seed(0)
-    unet = tiny_unet()
-    with torch.no_grad():  # default init leaves some layers at zero: make every layer matter
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
+    unet = _perturb(tiny_unet())
     pipe = StableDiffusionXLPipeline(
-        vae=vae, unet=unet, scheduler=EulerDiscreteScheduler(),
+        vae=_tiny_vae(), unet=unet, scheduler=EulerDiscreteScheduler(),
         text_encoder=CLIPTextModel(_text_config()), tokenizer=_tokenizer(root / "tok1"),
         text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=PROJ)), tokenizer_2=_tokenizer(root / "tok2"),
     )
     pipe.save_pretrained(root / "model")
-
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                                             num_attention_heads=2, image_size=32, patch_size=8, projection_dim=PROJ))
-    encoder.save_pretrained(root / "image_encoder")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "image_encoder")
-
+    _image_encoder(root / "image_encoder")
     ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).save_pretrained(root / "controlnet")
-
-    state = random_ip_adapter(unet)
-    torch.save(state, root / "ip-adapter.bin")
-    flat = {f"{part}.{k}": v.contiguous() for part, sub in state.items() for k, v in sub.items()}
-    save_file(flat, str(root / "ip-adapter.safetensors"))
-
-    rng = np.random.default_rng(0)
-    for name in ("style", "style2", "control"):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"{name}.png")
+    _save_ip_adapter(unet, root)
+    _save_images(root)
     return root

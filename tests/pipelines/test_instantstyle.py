@@ -62,3 +62,15 @@ def test_img2img_pipeline(tiny_sdxl):
     init = Image.open(tiny_sdxl / "control.png").resize((32, 32))
     out = _run(style, "a dog", Image.open(tiny_sdxl / "style.png"), image=init, strength=0.75, num_inference_steps=4)
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_sdxl_inpaint_pipeline(tiny_sdxl):
+    from diffusers import AutoPipelineForInpainting
+
+    pipe = AutoPipelineForInpainting.from_pretrained(tiny_sdxl / "model")
+    style = _style(tiny_sdxl, pipe, target="style+layout")
+    init = Image.open(tiny_sdxl / "control.png").resize((32, 32))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    out = _run(style, "a dog", Image.open(tiny_sdxl / "style.png"), image=init, mask_image=mask, strength=0.75, num_inference_steps=4)
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()

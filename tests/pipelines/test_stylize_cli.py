@@ -116,3 +116,26 @@ def test_help_has_an_example(capsys):
     with pytest.raises(SystemExit):
         main(["stylize", "--help"])
     assert "instantstyle stylize" in capsys.readouterr().out
+
+
+def _sd15_args(root, out, *extra):
+    return [
+        "stylize", "--model", str(root / "model"), "--ip-adapter", str(root / "ip-adapter.bin"),
+        "--image-encoder", str(root / "image_encoder"), "--style", str(root / "style.png"),
+        "--prompt", "a dog", "--steps", "2", "--height", "32", "--width", "32", "--out", str(out), *extra,
+    ]
+
+
+def test_sd15_with_a_separate_content_text_encoder(tiny_sd15, tmp_path, ip_calls):
+    out = tmp_path / "sd15.png"
+    extra = ["--content-prompt", "a cat", "--content-text-encoder", str(tiny_sd15 / "content_text_encoder")]
+    assert main(_sd15_args(tiny_sd15, out, *extra)) == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["targets"] and all(t.startswith("up_blocks.1.") for t in sidecar["targets"])  # SD1.5 style preset
+    assert ip_calls == set(sidecar["targets"])
+
+
+def test_sd15_content_prompt_without_a_matching_text_encoder_is_explained(tiny_sd15, tmp_path, capsys):
+    assert main(_sd15_args(tiny_sd15, tmp_path / "x.png", "--content-prompt", "a cat")) == 2
+    err = capsys.readouterr().err
+    assert "no text_encoder_2" in err and "Traceback" not in err
