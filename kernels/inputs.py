@@ -152,9 +152,13 @@ def _scale_tensor(ip_scale, num_streams: int, batch: int, device, dtype) -> torc
                 raise TypeError(f"{name}: expected a floating-point tensor, got {s.dtype}")
             rows.append(s.to(dtype))
         else:
-            # ones * s, not full(s): under torch.compile a float scale stays a graph input
-            # (dynamo "tensorifies" it) instead of being baked in and guarded on.
-            rows.append(torch.ones((batch,), dtype=dtype, device=device) * _finite_float(name, s))
+            value = _finite_float(name, s)
+            if torch.compiler.is_compiling():
+                # ones * s, not full(s): dynamo then keeps a float scale as a graph input
+                # ("tensorified") instead of baking it in and guarding on it.
+                rows.append(torch.ones((batch,), dtype=dtype, device=device) * value)
+            else:  # eager: one fill launch instead of two (small calls are launch-bound on GPUs)
+                rows.append(torch.full((batch,), value, dtype=dtype, device=device))
     if not rows:
         return torch.zeros((0, batch), dtype=dtype, device=device)
     return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)  # one stream: a view, no copy
