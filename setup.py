@@ -15,7 +15,7 @@ The root package lives in ``api/`` rather than ``instantstyle/`` on purpose: a
 folder named ``instantstyle`` in the working directory would shadow the installed
 package and hide its subpackages whenever Python runs from the repo root.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 PACKAGE_DIRS = {
     "instantstyle": "api",
@@ -24,6 +24,10 @@ PACKAGE_DIRS = {
     "instantstyle.bench": "bench",
     "instantstyle.pipelines": "pipelines",
 }
+
+# Each folder plus its subpackages (e.g. processors/methods), so a new subfolder can't be
+# left out of a regular install.
+PACKAGES = [sub for pkg, folder in PACKAGE_DIRS.items() for sub in [pkg] + [f"{pkg}.{p}" for p in find_packages(folder)]]
 
 setup(
     name="instantstyle",
@@ -34,7 +38,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=list(PACKAGE_DIRS),
+    packages=PACKAGES,
     package_dir=PACKAGE_DIRS,
     package_data={"instantstyle.bench": ["results/*.md", "results/*.png"]},
     install_requires=[

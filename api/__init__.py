@@ -8,6 +8,8 @@ _LAZY = {
     "load_ip_adapter": "instantstyle.processors",
     "FusedIPAdapterAttnProcessor": "instantstyle.processors",
     "registry_of": "instantstyle.processors",
+    "apply_method": "instantstyle.processors",
+    "remove_method": "instantstyle.processors",
 }
 
 

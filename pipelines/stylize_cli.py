@@ -16,6 +16,13 @@ example (SDXL, ip-adapter_sdxl with its ViT-bigG image encoder):
 
 Models are loaded from local folders or, if the hub is reachable, hub ids.  Add
 --controlnet DIR --control-image IMG [--canny] for spatial control.
+
+--method style-aligned runs StyleAligned instead (shared self-attention, no IP-Adapter):
+a batch of prompts whose images share the first image's style.  --out a.png writes
+a-0.png, a-1.png, ... (one per --prompt) and a.json:
+  instantstyle stylize --method style-aligned --model stabilityai/stable-diffusion-xl-base-1.0 \\
+      --prompt "a toy train, minimal origami" --prompt "a toy airplane, minimal origami" \\
+      --prompt "a toy car, minimal origami" --out toys.png
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import time
 
 PRESET_CHOICES = ("style", "layout", "style+layout", "all")
 DTYPES = ("float16", "bfloat16", "float32")
+METHODS = ("instantstyle", "style-aligned")
 
 
 class UserError(Exception):
@@ -33,23 +41,32 @@ class UserError(Exception):
 
 
 def add_arguments(parser) -> None:
+    parser.add_argument("--method", choices=METHODS, default="instantstyle",
+                        help="instantstyle: IP-Adapter in style blocks (default); style-aligned: a batch of "
+                             "prompts sharing the first image's style through self-attention")
     g = parser.add_argument_group("models")
     g.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (SDXL or SD1.5)")
-    g.add_argument("--ip-adapter", required=True, help="IP-Adapter .bin/.safetensors in the original layout")
-    g.add_argument("--image-encoder", required=True, help="CLIP vision model (with projection) folder or hub id")
+    g.add_argument("--ip-adapter", help="IP-Adapter .bin/.safetensors in the original layout (instantstyle)")
+    g.add_argument("--image-encoder", help="CLIP vision model (with projection) folder or hub id (instantstyle)")
     g.add_argument("--controlnet", help="ControlNet folder or hub id (needs --control-image)")
     g.add_argument("--content-text-encoder", metavar="DIR",
                    help="CLIP text model with projection (and its tokenizer) in the image encoder's space, for "
                         "--content-prompt with ViT-H adapters (SD1.5); default: the SDXL pipeline's text_encoder_2")
     g = parser.add_argument_group("style")
-    g.add_argument("--style", action="append", required=True, metavar="IMAGE", help="style reference (repeatable)")
+    g.add_argument("--style", action="append", metavar="IMAGE", help="style reference (repeatable; instantstyle)")
     g.add_argument("--content-prompt", help="what the reference shows ('a cat'); subtracted from its embedding")
     g.add_argument("--content-scale", type=float, default=0.5, help="how much content to subtract (default 0.5)")
     g.add_argument("--preset", choices=PRESET_CHOICES, default="style", help="blocks to inject into (default style)")
     g.add_argument("--target", action="append", metavar="PATTERN", help="module prefix/glob instead of --preset (repeatable)")
     g.add_argument("--scale", type=float, default=1.0, help="IP-Adapter scale in the target blocks (default 1.0)")
+    g = parser.add_argument_group("style-aligned")
+    g.add_argument("--keys-scale", type=float, default=1.0, help="logit scale on the shared reference keys (default 1.0)")
+    g.add_argument("--score-shift", type=float, default=0.0, help="logit shift on the shared reference keys (default 0)")
+    g.add_argument("--only-self-level", type=float, default=0.0,
+                   help="fraction of self-attention layers left unshared, evenly spaced (default 0)")
     g = parser.add_argument_group("generation")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", action="append", required=True,
+                   help="the prompt; with --method style-aligned repeat it: one image per prompt, styled like the first")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--control-image", help="control image for --controlnet")
     g.add_argument("--canny", action="store_true", help="turn --control-image into Canny edges first")
@@ -89,6 +106,8 @@ def _load_pipeline(args, torch_dtype):
     if args.controlnet:
         kwargs["controlnet"] = _from_pretrained("--controlnet", ControlNetModel.from_pretrained, args.controlnet, torch_dtype=torch_dtype)
     pipe = _from_pretrained("--model", AutoPipelineForText2Image.from_pretrained, args.model, **kwargs)
+    if args.method != "instantstyle":
+        return pipe, None, None
     encoder = _from_pretrained("--image-encoder", CLIPVisionModelWithProjection.from_pretrained, args.image_encoder, torch_dtype=torch_dtype)
     try:
         processor = CLIPImageProcessor.from_pretrained(args.image_encoder)
@@ -113,6 +132,52 @@ def _versions() -> dict:
     return package_versions()
 
 
+def _check_method_arguments(args) -> None:
+    """Which flags each --method needs or can't use."""
+    if args.method == "instantstyle":
+        for flag, value in (("--ip-adapter", args.ip_adapter), ("--image-encoder", args.image_encoder), ("--style", args.style)):
+            if not value:
+                raise UserError(f"{flag}: required with --method instantstyle")
+        if len(args.prompt) > 1:
+            raise UserError(f"--prompt: --method instantstyle takes one prompt, got {len(args.prompt)}")
+        args.prompt = args.prompt[0]
+        return
+    for flag, value in (("--ip-adapter", args.ip_adapter), ("--image-encoder", args.image_encoder), ("--style", args.style),
+                        ("--content-prompt", args.content_prompt), ("--content-text-encoder", args.content_text_encoder),
+                        ("--target", args.target)):
+        if value:
+            raise UserError(f"{flag}: not used by --method {args.method}, which takes its style from the first prompt's image")
+    if not 0.0 <= args.only_self_level <= 1.0:
+        raise UserError(f"--only-self-level: expected a fraction in [0, 1], got {args.only_self_level}")
+
+
+def output_paths(out: str, count: int) -> list:
+    """``a.png`` for one image; ``a-0.png``, ``a-1.png``, ... for a batch."""
+    if count == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}-{i}{ext or '.png'}" for i in range(count)]
+
+
+def _style_aligned(args, pipe, call) -> tuple:
+    """Generate one image per prompt, all sharing the first image's style (StyleAligned)."""
+    from instantstyle.processors.methods import StyleAligned, apply_method, remove_method
+
+    method = StyleAligned(keys_scale=args.keys_scale, score_shift=args.score_shift, only_self_level=args.only_self_level,
+                          cfg=args.guidance > 1.0)  # diffusers runs CFG as [negatives; positives] when guidance > 1
+    try:
+        injection = apply_method(pipe, method)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"--method style-aligned: {exc}") from None
+    if args.negative_prompt is not None:
+        call["negative_prompt"] = [args.negative_prompt] * len(args.prompt)
+    try:
+        images = pipe(prompt=list(args.prompt), **call).images
+    finally:
+        remove_method(pipe, method)
+    return images, sorted(injection.weights)
+
+
 def stylize(args) -> dict:
     """Run the whole job; returns the sidecar record."""
     import torch
@@ -125,11 +190,13 @@ def stylize(args) -> dict:
         raise UserError("--controlnet and --control-image go together")
     if args.canny and not args.control_image:
         raise UserError("--canny: needs --control-image")
+    _check_method_arguments(args)
+    if args.method == "style-aligned":
+        return _stylize_aligned(args)
     _require_file("--ip-adapter", args.ip_adapter)
     styles = [_open_image("--style", p) for p in args.style]
     control = _open_image("--control-image", args.control_image) if args.control_image else None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
+    device, dtype = _device_and_dtype(args)
 
     timings = {}
     start = time.perf_counter()
@@ -180,6 +247,50 @@ def stylize(args) -> dict:
     }
 
 
+def _device_and_dtype(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
+
+
+def _stylize_aligned(args) -> dict:
+    import torch
+
+    from instantstyle.pipelines.canny import canny_edges
+
+    control = _open_image("--control-image", args.control_image) if args.control_image else None
+    device, dtype = _device_and_dtype(args)
+    timings = {}
+    start = time.perf_counter()
+    pipe, _, _ = _load_pipeline(args, dtype)
+    pipe.to(device)
+    timings["load_s"] = round(time.perf_counter() - start, 3)
+    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+                generator=torch.Generator(device="cpu").manual_seed(args.seed))
+    if control is not None:
+        call["image"] = canny_edges(control) if args.canny else control
+    start = time.perf_counter()
+    images, targets = _style_aligned(args, pipe, call)
+    timings["generate_s"] = round(time.perf_counter() - start, 3)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    paths = [os.path.abspath(p) for p in output_paths(args.out, len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+    return {
+        "image": paths[0],
+        "images": paths,
+        "method": args.method,
+        "settings": settings,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "targets": targets,
+        "versions": _versions(),
+        "timings": timings,
+    }
+
+
 def sidecar_path(out: str) -> str:
     return os.path.splitext(out)[0] + ".json"
 
@@ -192,5 +303,6 @@ def run(args) -> int:
         return 2
     with open(sidecar_path(args.out), "w") as f:
         json.dump(record, f, indent=1, default=str)
-    print(f"wrote {record['image']} and {sidecar_path(args.out)}", file=sys.stderr)
+    images = ", ".join(record.get("images", [record["image"]]))
+    print(f"wrote {images} and {sidecar_path(args.out)}", file=sys.stderr)
     return 0

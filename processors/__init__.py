@@ -7,6 +7,9 @@
 - :class:`InjectionRegistry` / :func:`registry_of`: targets (presets, patterns,
   ``set_ip_adapter_scale`` dicts) and what is injected where (``registry``).
 - :class:`StepGate`: active range over the denoising schedule (``gating``).
+- :class:`EditingMethod`, :func:`apply_method`, :class:`StyleAligned`,
+  :class:`VisualStylePrompting`, :class:`AttentionMapCapture`: other attention-editing
+  methods on the same registry and op (``methods``).
 
 Names resolve lazily: most modules import diffusers (seconds), which the ``instantstyle``
 CLI should not pay for when it only builds its argument parser.
@@ -34,6 +37,15 @@ _EXPORTS = {
     "attention_sites": "sites",
     "ip_sites": "sites",
     "ip_key_ids": "sites",
+    "EditingMethod": "methods",
+    "AttentionCall": "methods",
+    "apply_method": "methods",
+    "remove_method": "methods",
+    "applied_methods": "methods",
+    "StyleAligned": "methods",
+    "VisualStylePrompting": "methods",
+    "AttentionMapCapture": "methods",
+    "save_heatmaps": "methods",
 }
 
 __all__ = list(_EXPORTS)

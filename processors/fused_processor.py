@@ -46,8 +46,16 @@ def _stream_inputs(batch, heads, head_dim, to_k, to_v, states):
     return to_k(states).view(batch, -1, heads, head_dim), to_v(states).view(batch, -1, heads, head_dim)
 
 
-def _run(p, streams) -> torch.Tensor:
-    """The one op call (or the unfused path when ``p`` says the op can't take it)."""
+def _run(p, streams, methods=()) -> torch.Tensor:
+    """The one op call (or the unfused path when ``p`` says the op can't take it).
+
+    ``methods``: editing methods attached at this layer (``methods.compose``); they add
+    their contributions to the same single call.
+    """
+    if methods:
+        from .methods.compose import run_methods
+
+        return run_methods(methods, p, streams)
     if p.fallback_reason is not None:
         return unfused_decoupled_attention(p.q, p.k, p.v, streams, p.full_mask)
     ip_k = [s[0] for s in streams]
@@ -88,6 +96,7 @@ class FusedIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):
         self.scale = scale
         self.gates: List = [None] * n
         self.fallback_reason: Optional[str] = None
+        self.methods: List = []  # editing methods attached here (``methods.apply_method``)
 
     # Scales live twice: as the Python list diffusers reads and writes, and as a float32
     # buffer the forward reads.  The forward never branches on a scale's *value* under
@@ -196,11 +205,12 @@ class FusedIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):
                 m = IPAdapterMaskProcessor.downsample(mask[:, i], batch, n, 1).reshape(batch, n)
                 k_i, v_i = _stream_inputs(batch, heads, head_dim, to_k, to_v, states[:, i])
                 streams.append((k_i, v_i, self._adapter_scale(adapter, i), m.to(p.q.device)))
-        return finish(attn, _run(p, streams), p)
+        return finish(attn, _run(p, streams, self.methods), p)
 
 
 class FusedAttnProcessor(torch.nn.Module):
     """Cross-attention without IP weights: text attention only, through the same op.
+    (Editing methods also install it on self-attention layers: the same code path.)
 
     The UNet hands every cross-attention layer the IP tokens; a layer outside all
     adapters' targets drops them here and does no IP work.  Constructible without
@@ -211,12 +221,13 @@ class FusedAttnProcessor(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.fallback_reason: Optional[str] = None
+        self.methods: List = []  # editing methods attached here (``methods.apply_method``)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale: float = 1.0, ip_adapter_masks=None):
         # ``scale`` and ``ip_adapter_masks`` are declared so diffusers passes them without a warning
         p = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         self.fallback_reason = p.fallback_reason
-        return finish(attn, _run(p, []), p)
+        return finish(attn, _run(p, [], self.methods), p)
 
 
 def fallback_reasons(model) -> dict:

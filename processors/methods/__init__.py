@@ -1,0 +1,28 @@
+"""Attention-editing methods on the injection registry and the fused op.
+
+- :class:`EditingMethod` / :class:`AttentionCall`: the extension interface (``base``).
+- :func:`apply_method` / :func:`remove_method`: attach and detach; several methods
+  compose into one fused op call per layer (``compose``).
+- :class:`StyleAligned`, :class:`VisualStylePrompting`, :class:`AttentionMapCapture`
+  (+ :func:`save_heatmaps`): the shipped methods.
+"""
+from .attention_maps import AttentionMapCapture, save_heatmaps
+from .base import AttentionCall, EditingMethod, reference_rows
+from .compose import applied_methods, apply_method, remove_method, reset_steps
+from .style_aligned import StyleAligned, adain
+from .visual_style_prompting import VisualStylePrompting
+
+__all__ = [
+    "AttentionCall",
+    "AttentionMapCapture",
+    "EditingMethod",
+    "StyleAligned",
+    "VisualStylePrompting",
+    "adain",
+    "applied_methods",
+    "apply_method",
+    "reference_rows",
+    "remove_method",
+    "reset_steps",
+    "save_heatmaps",
+]

@@ -1,0 +1,113 @@
+"""StyleAligned (Hertz et al. 2024, google/style-aligned ``sa_handler.py``): every image
+of a batch shares self-attention with the batch's reference image.
+
+At each chosen self-attention layer, per CFG half (the reference is the half's first
+row, so rows ``0`` and ``B//2``):
+
+1. AdaIN (kind 4): queries and keys of every image move to the reference's per-head,
+   per-channel token statistics, ``x' = (x - mean_x) / std_x * std_ref + mean_ref``
+   with ``std = sqrt(var + 1e-5)`` (unbiased var).  The reference maps to itself.
+2. Shared attention (kind 2): each image attends over ``[own K' ; reference K']`` with
+   values ``[own V ; reference V]`` in ONE softmax.  As upstream, the reference also
+   appends its own keys.  ``keys_scale`` multiplies the appended reference keys of the
+   non-reference rows (a logit scale); ``score_shift`` adds to every appended key's
+   logit (upstream's ``shared_score_shift``).
+
+Shared GroupNorm/LayerNorm statistics (upstream's ``share_group_norm`` /
+``share_layer_norm``) patch the norm layers, not attention, and are not done here.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import AttentionCall, EditingMethod, reference_rows
+from ..validation import describe, require_fraction, require_number
+
+EPS = 1e-5
+
+
+def adain(x, rows):
+    """AdaIN of ``x`` ``(B, L, H, D)`` toward ``x[rows]``; statistics over the token axis."""
+    mean = x.mean(dim=1, keepdim=True)
+    std = (x.var(dim=1, keepdim=True) + EPS).sqrt()
+    return (x - mean) / std * std[rows] + mean[rows]
+
+
+def switch_vector(total: int, level: float) -> list:
+    """Upstream's ``_get_switch_vec``: which of ``total`` layers stay unshared for
+    ``only_self_level`` = ``level`` (a fraction, evenly spaced)."""
+    if level == 0:
+        return [False] * total
+    if level == 1:
+        return [True] * total
+    flip = level > 0.5
+    level = 1 - level if flip else level
+    count = int(level * total)
+    if count == 0:
+        return [flip] * total
+    vec = [i % (total // count) == 0 for i in range(total)]
+    return [not v for v in vec] if flip else vec
+
+
+class StyleAligned(EditingMethod):
+    """Shared self-attention with AdaIN toward the first image of each CFG half.
+
+    Args:
+        target: self-attention layers (default: all of them).
+        adain_queries, adain_keys, adain_values: which tensors AdaIN moves toward the
+            reference (upstream defaults: queries and keys).
+        keys_scale: multiplies the appended reference keys of non-reference rows
+            (upstream ``shared_score_scale``), default 1.
+        score_shift: added to the logits of every appended reference key (upstream
+            ``shared_score_shift``), default 0.
+        only_self_level: fraction of the targeted layers, evenly spaced, left unshared.
+        cfg: True when the batch is ``[unconditional; conditional]`` (each half has its
+            own reference); False for a batch without CFG (row 0 is the reference).
+        start_at, end_at, name: see :class:`EditingMethod`.
+    """
+
+    name = "style_aligned"
+    kind = "self"
+    default_target = "all"
+
+    def __init__(self, target=None, *, adain_queries: bool = True, adain_keys: bool = True, adain_values: bool = False,
+                 keys_scale: float = 1.0, score_shift: float = 0.0, only_self_level: float = 0.0, cfg: bool = True,
+                 start_at: float = 0.0, end_at: float = 1.0, name=None):
+        super().__init__(target, start_at=start_at, end_at=end_at, name=name)
+        for flag, value in (("adain_queries", adain_queries), ("adain_keys", adain_keys), ("adain_values", adain_values), ("cfg", cfg)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag}: expected True or False, got {describe(value)}")
+        self.adain_queries, self.adain_keys, self.adain_values = adain_queries, adain_keys, adain_values
+        self.keys_scale = require_number("keys_scale", keys_scale)
+        self.score_shift = require_number("score_shift", score_shift)
+        self.only_self_level = require_fraction("only_self_level", only_self_level)
+        self.halves = 2 if cfg else 1
+
+    def select_sites(self, sites):
+        unshared = switch_vector(len(sites), self.only_self_level)
+        return [s for s, skip in zip(sites, unshared) if not skip]
+
+    def _rows(self, call: AttentionCall):
+        return reference_rows(call.batch, self.halves, "StyleAligned batch").to(call.q.device)
+
+    def transform_qk(self, call):
+        rows = self._rows(call)
+        q = adain(call.q, rows) if self.adain_queries else call.q
+        k = adain(call.k, rows) if self.adain_keys else call.k
+        return q, k
+
+    def replace_kv(self, call):
+        return call.k, (adain(call.v, self._rows(call)) if self.adain_values else call.v)
+
+    def joint_kv(self, call):
+        rows = self._rows(call)
+        k, v = call.k[rows], call.v[rows]
+        if self.keys_scale != 1.0:
+            is_ref = rows == torch.arange(call.batch, device=rows.device)
+            factor = is_ref.to(k.dtype) + (~is_ref).to(k.dtype) * self.keys_scale
+            k = k * factor[:, None, None, None]
+        bias = None
+        if self.score_shift != 0.0:
+            dtype = torch.float64 if k.dtype == torch.float64 else torch.float32  # the op's bias precision
+            bias = torch.full(k.shape[:2], self.score_shift, dtype=dtype, device=k.device)
+        return k, v, bias

@@ -1,0 +1,67 @@
+"""`instantstyle stylize --method style-aligned`: a batch of prompts sharing the first
+image's style, on the tiny SDXL model folder."""
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instantstyle.cli import main
+
+PROMPTS = ["a red house", "a blue car", "a green tree"]
+
+
+def _args(root, out, prompts, *extra):
+    args = ["stylize", "--method", "style-aligned", "--model", str(root / "model"), "--steps", "2",
+            "--height", "32", "--width", "32", "--seed", "3", "--out", str(out), *extra]
+    for p in prompts:
+        args += ["--prompt", p]
+    return args
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_style_aligned_batch_shares_the_first_images_style(tiny_sdxl, tmp_path):
+    out = tmp_path / "batch" / "toys.png"
+    assert main(_args(tiny_sdxl, out, PROMPTS, "--keys-scale", "0.9")) == 0
+    paths = [tmp_path / "batch" / f"toys-{i}.png" for i in range(3)]
+    assert all(Image.open(p).size == (32, 32) for p in paths)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["method"] == "style-aligned" and sidecar["images"] == [str(p) for p in paths]
+    assert sidecar["settings"]["prompt"] == PROMPTS and sidecar["settings"]["keys_scale"] == 0.9
+    assert sidecar["targets"] and all(t.endswith("attn1.processor") for t in sidecar["targets"])
+
+    # alone, the second prompt is its own reference; in the batch it follows the first image
+    alone = tmp_path / "alone.png"
+    assert main(_args(tiny_sdxl, alone, PROMPTS[:1], "--keys-scale", "0.9")) == 0
+    # the reference attends to itself either way: same image as generated alone
+    assert np.abs(_pixels(paths[0]) - _pixels(alone)).max() <= 1
+    second = tmp_path / "second.png"
+    assert main(_args(tiny_sdxl, second, [PROMPTS[0], PROMPTS[1]], "--keys-scale", "0.9", "--only-self-level", "0.5")) == 0
+    assert np.abs(_pixels(tmp_path / "second-1.png") - _pixels(paths[1])).max() > 0  # sharing fewer layers changes it
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "style-aligned", "--style", "x.png"], "--style: not used by --method style-aligned"),
+        (["--method", "style-aligned", "--only-self-level", "2"], "--only-self-level: expected a fraction in \\[0, 1\\], got 2.0"),
+        (["--method", "instantstyle"], "--ip-adapter: required with --method instantstyle"),
+    ],
+)
+def test_method_flag_mistakes_are_one_line_errors(tiny_sdxl, tmp_path, capsys, extra, message):
+    args = ["stylize", "--model", str(tiny_sdxl / "model"), "--prompt", "a", "--out", str(tmp_path / "x.png"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(message, err), err
+
+
+def test_instantstyle_takes_one_prompt(tiny_sdxl, tmp_path, capsys):
+    args = ["stylize", "--model", str(tiny_sdxl / "model"), "--ip-adapter", str(tiny_sdxl / "ip-adapter.safetensors"),
+            "--image-encoder", str(tiny_sdxl / "image_encoder"), "--style", str(tiny_sdxl / "style.png"),
+            "--prompt", "a", "--prompt", "b", "--out", str(tmp_path / "x.png")]
+    assert main(args) == 2
+    assert "--prompt: --method instantstyle takes one prompt, got 2" in capsys.readouterr().err
