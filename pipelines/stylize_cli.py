@@ -159,49 +159,18 @@ def output_paths(out: str, count: int) -> list:
     return [f"{stem}-{i}{ext or '.png'}" for i in range(count)]
 
 
-def _style_aligned(args, pipe, call) -> tuple:
-    """Generate one image per prompt, all sharing the first image's style (StyleAligned)."""
-    from instantstyle.processors.methods import StyleAligned, apply_method, remove_method
-
-    method = StyleAligned(keys_scale=args.keys_scale, score_shift=args.score_shift, only_self_level=args.only_self_level,
-                          cfg=args.guidance > 1.0)  # diffusers runs CFG as [negatives; positives] when guidance > 1
-    try:
-        injection = apply_method(pipe, method)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"--method style-aligned: {exc}") from None
-    if args.negative_prompt is not None:
-        call["negative_prompt"] = [args.negative_prompt] * len(args.prompt)
-    try:
-        images = pipe(prompt=list(args.prompt), **call).images
-    finally:
-        remove_method(pipe, method)
-    return images, sorted(injection.weights)
-
-
-def stylize(args) -> dict:
-    """Run the whole job; returns the sidecar record."""
+def _device_and_dtype(args):
     import torch
 
-    from instantstyle.pipelines.canny import canny_edges
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
+
+
+def _instantstyle(args, styles, pipe, encoder, processor, device, dtype):
+    """Wire the pipeline once (InstantStyle); returns ``generate(call) -> (images, sidecar details)``."""
     from instantstyle.pipelines.content import ContentSubtractionError
     from instantstyle.pipelines.instantstyle import InstantStyle
 
-    if bool(args.controlnet) != bool(args.control_image):
-        raise UserError("--controlnet and --control-image go together")
-    if args.canny and not args.control_image:
-        raise UserError("--canny: needs --control-image")
-    _check_method_arguments(args)
-    if args.method == "style-aligned":
-        return _stylize_aligned(args)
-    _require_file("--ip-adapter", args.ip_adapter)
-    styles = [_open_image("--style", p) for p in args.style]
-    control = _open_image("--control-image", args.control_image) if args.control_image else None
-    device, dtype = _device_and_dtype(args)
-
-    timings = {}
-    start = time.perf_counter()
-    pipe, encoder, processor = _load_pipeline(args, dtype)
-    pipe.to(device)
     encoder.to(device)
     text_encoder = tokenizer = None
     if args.content_text_encoder:
@@ -210,12 +179,72 @@ def stylize(args) -> dict:
         text_encoder = _from_pretrained("--content-text-encoder", CLIPTextModelWithProjection.from_pretrained, args.content_text_encoder,
                                         torch_dtype=dtype).to(device)
         tokenizer = _from_pretrained("--content-text-encoder", CLIPTokenizer.from_pretrained, args.content_text_encoder)
-    target = args.target if args.target else args.preset
     try:
-        style = InstantStyle(pipe, args.ip_adapter, target=target, scale=args.scale, image_encoder=encoder, image_processor=processor,
-                             text_encoder=text_encoder, tokenizer=tokenizer)
+        style = InstantStyle(pipe, args.ip_adapter, target=args.target or args.preset, scale=args.scale, image_encoder=encoder,
+                             image_processor=processor, text_encoder=text_encoder, tokenizer=tokenizer)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(f"--ip-adapter / --preset / --target: {exc}") from None
+
+    def generate(call):
+        try:
+            images = style(args.prompt, styles, content_prompt=args.content_prompt, content_scale=args.content_scale, **call).images
+        except ContentSubtractionError as exc:
+            raise UserError(str(exc)) from None
+        report = style.report
+        return images, {"targets": sorted(report.adapters[0].layers), "ip_params_held": report.ip_params,
+                        "ip_params_all_layers": report.ip_params_all_layers}
+
+    return generate
+
+
+def _style_aligned(args, pipe):
+    """StyleAligned over a batch of prompts; returns ``generate(call) -> (images, sidecar details)``."""
+    from instantstyle.processors.methods import StyleAligned, apply_method, remove_method
+
+    method = StyleAligned(keys_scale=args.keys_scale, score_shift=args.score_shift, only_self_level=args.only_self_level,
+                          cfg=args.guidance > 1.0)  # diffusers runs CFG as [negatives; positives] when guidance > 1
+
+    def generate(call):
+        try:
+            injection = apply_method(pipe, method)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"--method style-aligned: {exc}") from None
+        if call["negative_prompt"] is not None:
+            call = dict(call, negative_prompt=[call["negative_prompt"]] * len(args.prompt))
+        try:
+            images = pipe(prompt=list(args.prompt), **call).images
+        finally:
+            remove_method(pipe, method)
+        return images, {"targets": sorted(injection.weights)}
+
+    return generate
+
+
+def stylize(args) -> dict:
+    """Run the whole job; returns the sidecar record."""
+    import torch
+
+    from instantstyle.pipelines.canny import canny_edges
+
+    if bool(args.controlnet) != bool(args.control_image):
+        raise UserError("--controlnet and --control-image go together")
+    if args.canny and not args.control_image:
+        raise UserError("--canny: needs --control-image")
+    _check_method_arguments(args)
+    if args.method == "instantstyle":  # user mistakes surface before minutes of model loading
+        _require_file("--ip-adapter", args.ip_adapter)
+        styles = [_open_image("--style", p) for p in args.style]
+    control = _open_image("--control-image", args.control_image) if args.control_image else None
+    device, dtype = _device_and_dtype(args)
+
+    timings = {}
+    start = time.perf_counter()
+    pipe, encoder, processor = _load_pipeline(args, dtype)
+    pipe.to(device)
+    if args.method == "instantstyle":
+        generate = _instantstyle(args, styles, pipe, encoder, processor, device, dtype)
+    else:
+        generate = _style_aligned(args, pipe)
     timings["load_s"] = round(time.perf_counter() - start, 3)
 
     call = dict(
@@ -225,67 +254,21 @@ def stylize(args) -> dict:
     if control is not None:
         call["image"] = canny_edges(control) if args.canny else control
     start = time.perf_counter()
-    try:
-        image = style(args.prompt, styles, content_prompt=args.content_prompt, content_scale=args.content_scale, **call).images[0]
-    except ContentSubtractionError as exc:
-        raise UserError(str(exc)) from None
+    images, details = generate(call)
     timings["generate_s"] = round(time.perf_counter() - start, 3)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    image.save(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
-    return {
-        "image": os.path.abspath(args.out),
-        "settings": settings,
-        "device": device,
-        "dtype": str(dtype).replace("torch.", ""),
-        "targets": sorted(style.report.adapters[0].layers),
-        "ip_params_held": style.report.ip_params,
-        "ip_params_all_layers": style.report.ip_params_all_layers,
-        "versions": _versions(),
-        "timings": timings,
-    }
-
-
-def _device_and_dtype(args):
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
-
-
-def _stylize_aligned(args) -> dict:
-    import torch
-
-    from instantstyle.pipelines.canny import canny_edges
-
-    control = _open_image("--control-image", args.control_image) if args.control_image else None
-    device, dtype = _device_and_dtype(args)
-    timings = {}
-    start = time.perf_counter()
-    pipe, _, _ = _load_pipeline(args, dtype)
-    pipe.to(device)
-    timings["load_s"] = round(time.perf_counter() - start, 3)
-    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
-                generator=torch.Generator(device="cpu").manual_seed(args.seed))
-    if control is not None:
-        call["image"] = canny_edges(control) if args.canny else control
-    start = time.perf_counter()
-    images, targets = _style_aligned(args, pipe, call)
-    timings["generate_s"] = round(time.perf_counter() - start, 3)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     paths = [os.path.abspath(p) for p in output_paths(args.out, len(images))]
     for image, path in zip(images, paths):
         image.save(path)
-    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
     return {
         "image": paths[0],
         "images": paths,
         "method": args.method,
-        "settings": settings,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("run", "command")},
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
-        "targets": targets,
+        **details,
         "versions": _versions(),
         "timings": timings,
     }
@@ -303,6 +286,6 @@ def run(args) -> int:
         return 2
     with open(sidecar_path(args.out), "w") as f:
         json.dump(record, f, indent=1, default=str)
-    images = ", ".join(record.get("images", [record["image"]]))
+    images = ", ".join(record["images"])
     print(f"wrote {images} and {sidecar_path(args.out)}", file=sys.stderr)
     return 0
