@@ -6,7 +6,7 @@ from .dispatch import BACKENDS, Dispatch, explain_dispatch
 from .inputs import AttentionInputs, normalize_inputs
 from .op import decoupled_attention
 from .reference import reference_decoupled_attention
-from .tolerances import TOLERANCES, check_close, precision_of
+from .tolerances import TOLERANCES, check_close
 
 __all__ = [
     "BACKENDS",
@@ -18,5 +18,4 @@ __all__ = [
     "reference_decoupled_attention",
     "TOLERANCES",
     "check_close",
-    "precision_of",
 ]

@@ -36,7 +36,7 @@ def triton_unsupported(inputs: AttentionInputs, explicit: bool = False) -> Optio
     ``explicit`` is True when the caller asked for ``backend="triton"``: then CPU
     tensors run in the interpreter (for tests) and fp32 runs with tf32 dots.
     """
-    from .triton_decoupled import DOT_PRECISION, MAX_HEAD_DIM, MIN_HEAD_DIM, interpreting
+    from .triton_decoupled import MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES, interpreting
 
     missing = triton_available()
     if missing:
@@ -52,7 +52,7 @@ def triton_unsupported(inputs: AttentionInputs, explicit: bool = False) -> Optio
     elif torch.cuda.get_device_capability(q.device) < MIN_CAPABILITY:
         cap = torch.cuda.get_device_capability(q.device)
         return f"compute capability {cap[0]}.{cap[1]}: the kernel is built and checked for sm_80 and newer"
-    if q.dtype not in DOT_PRECISION:
+    if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype}: the kernel supports float16, bfloat16 and float32"
     if q.dtype == torch.float32 and q.is_cuda and not explicit and not torch.backends.cuda.matmul.allow_tf32:
         return "float32 would run with tf32 dots, and torch.backends.cuda.matmul.allow_tf32 is False"

@@ -26,15 +26,6 @@ TOLERANCES = {
     "bf16": Tolerance(1.6e-2, 4e-2, 4e-2),
 }
 
-_BY_DTYPE = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def precision_of(dtype: torch.dtype, tf32: bool = False) -> str:
-    """Name of the compute precision for a dtype (fp32 becomes tf32 on tensor cores)."""
-    name = _BY_DTYPE[dtype]
-    return "tf32" if tf32 and name == "fp32" else name
-
-
 def check_close(out: torch.Tensor, ref: torch.Tensor, precision: str) -> None:
     """Raise AssertionError with the measured errors if ``out`` misses ``ref``'s tolerance."""
     tol = TOLERANCES[precision]

@@ -204,8 +204,8 @@ def _decoupled_attn_fwd(
 
 # --------------------------------------------------------------------------- launcher
 
-#: dtypes the kernel is built for, and the dot precision each one uses.
-DOT_PRECISION = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "tf32"}
+#: dtypes the kernel is built for (float32 runs its dots in tf32).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
 #: IP streams no longer than this use 16-key steps, so 4/16-token streams don't pay for 64.
 SHORT_STREAM = 16
@@ -240,6 +240,7 @@ def head_dim_bucket(head_dim: int) -> int:
 # re-checks every entry.  Findings: 128-query tiles need 8 warps (4 warps spill at
 # D=64); sm_80's mma.sync keeps operands in registers, so D=256 (SD1.5's D=160) only
 # fits 16x16 tiles there, while Hopper's wgmma reads them from shared memory.
+# Spill-free is the only criterion so far: throughput tuning needs a GPU run of the bench.
 _WIDE = ((128, 64, 16, 8, 2), (128, 64, 64, 8, 2))
 _TILES = {
     ("sm_90", "half"): {16: _WIDE, 32: _WIDE, 64: _WIDE, 128: ((128, 32, 16, 8, 1), (128, 32, 32, 8, 1)),
@@ -251,9 +252,6 @@ _TILES = {
     ("sm_80", "fp32"): {16: ((128, 64, 16, 8, 1), (128, 64, 64, 8, 2)), 32: _WIDE, 64: _WIDE,
                         128: ((128, 64, 16, 8, 2), (128, 64, 32, 8, 1)), 256: ((16, 16, 16, 4, 1),) * 2},
 }
-ARCHS = ("sm_80", "sm_90")
-
-
 def _dtype_class(dtype_name: str) -> str:
     return "fp32" if dtype_name == "float32" else "half"
 

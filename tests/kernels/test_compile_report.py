@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from instantstyle.kernels.compile_report import DTYPES, compile_report
+from instantstyle.kernels.compile_report import DTYPES
 from instantstyle.kernels.triton_decoupled import MAX_HEAD_DIM, MIN_HEAD_DIM, all_kernel_configs, kernel_config
 
 
