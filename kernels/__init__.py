@@ -2,7 +2,7 @@
 
 ``decoupled_attention`` is the op; ``explain_dispatch`` says which backend it would run.
 """
-from .dispatch import BACKENDS, Dispatch, explain_dispatch
+from .dispatch import BACKENDS, Dispatch, explain_dispatch, use_backend
 from .inputs import AttentionInputs, normalize_inputs
 from .op import decoupled_attention
 from .reference import reference_decoupled_attention
@@ -14,6 +14,7 @@ __all__ = [
     "AttentionInputs",
     "decoupled_attention",
     "explain_dispatch",
+    "use_backend",
     "normalize_inputs",
     "reference_decoupled_attention",
     "TOLERANCES",

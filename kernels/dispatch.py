@@ -6,6 +6,7 @@ for every backend not chosen, *why not*.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
@@ -95,9 +96,38 @@ class Dispatch:
         return {"backend": self.backend, "not_chosen": dict(self.reasons)}
 
 
-def choose_backend(inputs: AttentionInputs, backend: str = "auto") -> Dispatch:
+_default_backend = "auto"
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Make ``backend`` the default of every op call inside the block (processors included).
+
+        with use_backend("torch"):      # e.g. rule the fused kernel out while debugging
+            image = pipe(prompt).images[0]
+
+    A ``backend=`` passed to the op itself still wins.
+    """
+    global _default_backend
+    _check_backend_name(backend)
+    previous, _default_backend = _default_backend, backend
+    try:
+        yield
+    finally:
+        _default_backend = previous
+
+
+def default_backend() -> str:
+    return _default_backend
+
+
+def _check_backend_name(backend) -> None:
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend: expected one of 'auto', {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
+def choose_backend(inputs: AttentionInputs, backend: str = "auto") -> Dispatch:
+    _check_backend_name(backend)
     if backend != "auto":
         why = UNSUPPORTED[backend](inputs, explicit=True)
         if why:
@@ -112,8 +142,8 @@ def choose_backend(inputs: AttentionInputs, backend: str = "auto") -> Dispatch:
     raise AssertionError("the torch backend supports every input")  # pragma: no cover
 
 
-def explain_dispatch(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text_bias=None, sm_scale=None, backend="auto",
+def explain_dispatch(q, k, v, ip_k=(), ip_v=(), ip_scale=1.0, ip_mask=None, text_bias=None, sm_scale=None, backend=None,
                      *, joint_k=None, joint_v=None, joint_bias=None) -> Dispatch:
     """Say which backend :func:`decoupled_attention` would run for these arguments, and why not the others."""
     inputs = normalize_inputs(q, k, v, ip_k, ip_v, ip_scale, ip_mask, text_bias, sm_scale, joint_k, joint_v, joint_bias)
-    return choose_backend(inputs, backend)
+    return choose_backend(inputs, default_backend() if backend is None else backend)

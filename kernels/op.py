@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import torch
 
-from .dispatch import _needs_grad, choose_backend
+from .dispatch import _needs_grad, choose_backend, default_backend
 from .inputs import AttentionInputs, normalize_inputs
 from .torch_backend import torch_decoupled_attention
 
@@ -59,7 +59,7 @@ def decoupled_attention(
     ip_mask=None,
     text_bias=None,
     sm_scale: Optional[float] = None,
-    backend: str = "auto",
+    backend: Optional[str] = None,
     *,
     joint_k: Optional[torch.Tensor] = None,
     joint_v: Optional[torch.Tensor] = None,
@@ -79,7 +79,8 @@ def decoupled_attention(
         ip_mask: None, or per stream None or ``(B, N)`` weights on the queries.
         text_bias: optional ``(B, Lt)`` key-padding bias: bool (True = attend) or additive.
         sm_scale: softmax scale, ``D ** -0.5`` by default.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``; see :func:`explain_dispatch`.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``; see :func:`explain_dispatch`.  None
+            (the default) follows :func:`use_backend`, which defaults to ``"auto"``.
         joint_k, joint_v: optional ``(B, Lj, H, D)`` keys/values that join the FIRST softmax
             next to the text keys (StyleAligned's shared reference tokens, SD3-style joint
             IP keys); the fused kernel walks them without concatenating.
@@ -89,6 +90,7 @@ def decoupled_attention(
         ``(B, N, H, D)`` in q's dtype, contiguous, so ``.view(B, N, H * D)`` is free.
     """
     inputs = normalize_inputs(q, k, v, ip_k, ip_v, ip_scale, ip_mask, text_bias, sm_scale, joint_k, joint_v, joint_bias)
+    backend = default_backend() if backend is None else backend
     if _needs_grad(inputs):
         # Custom ops have no autograd formula here; the composite torch path does.
         choose_backend(inputs, "torch" if backend == "auto" else backend)  # explicit triton -> clear error

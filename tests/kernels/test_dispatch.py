@@ -65,3 +65,19 @@ def test_grad_requiring_inputs_take_the_autograd_path():
         return decoupled_attention(q, k, v, [ipk0, kwargs["ip_k"][1]], kwargs["ip_v"], kwargs["ip_scale"], kwargs["ip_mask"])
 
     assert torch.autograd.gradcheck(f, (kwargs["q"], kwargs["k"], kwargs["v"], kwargs["ip_k"][0]))
+
+
+def test_use_backend_sets_the_default_and_restores_it():
+    from instantstyle.kernels import use_backend
+
+    kwargs = make_case(1, 8, 1, 16, 5, (4,), torch.float32)
+    assert explain_dispatch(**kwargs).backend == "torch"
+    with use_backend("triton"):
+        assert explain_dispatch(**kwargs).backend == "triton"
+        assert explain_dispatch(**kwargs, backend="torch").backend == "torch"  # an explicit argument wins
+        out = decoupled_attention(**kwargs)
+    assert explain_dispatch(**kwargs).backend == "torch"
+    torch.testing.assert_close(out.double(), reference_decoupled_attention(normalize_inputs(**kwargs)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        with use_backend("cuda"):
+            pass
