@@ -1,4 +1,6 @@
 """instantstyle: fused decoupled cross-attention for IP-Adapter / InstantStyle."""
+from ._lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 # Re-exported lazily: importing the processors imports diffusers (seconds), which
@@ -11,15 +13,4 @@ _LAZY = {
     "apply_method": "instantstyle.processors",
     "remove_method": "instantstyle.processors",
 }
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'instantstyle' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -14,50 +14,41 @@
 Names resolve lazily: most modules import diffusers (seconds), which the ``instantstyle``
 CLI should not pay for when it only builds its argument parser.
 """
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "FusedIPAdapterAttnProcessor": "fused_processor",
-    "FusedAttnProcessor": "fused_processor",
-    "fallback_reasons": "fused_processor",
-    "use_fused_processors": "accelerate",
-    "load_ip_adapter": "loader",
-    "LoadReport": "loader",
-    "ip_param_counts": "loader",
-    "InjectionRegistry": "registry",
-    "registry_of": "registry",
-    "pattern_matches": "registry",
-    "PRESETS": "presets",
-    "register_preset": "presets",
-    "StepGate": "gating",
-    "CONFIGS": "architectures",
-    "build_meta_unet": "architectures",
-    "detect_arch": "architectures",
-    "AttentionSite": "sites",
-    "attention_sites": "sites",
-    "ip_sites": "sites",
-    "ip_key_ids": "sites",
-    "EditingMethod": "methods",
-    "AttentionCall": "methods",
-    "apply_method": "methods",
-    "remove_method": "methods",
-    "applied_methods": "methods",
-    "StyleAligned": "methods",
-    "VisualStylePrompting": "methods",
-    "AttentionMapCapture": "methods",
-    "save_heatmaps": "methods",
+    "FusedIPAdapterAttnProcessor": ".fused_processor",
+    "FusedAttnProcessor": ".fused_processor",
+    "fallback_reasons": ".fused_processor",
+    "use_fused_processors": ".accelerate",
+    "load_ip_adapter": ".loader",
+    "LoadReport": ".loader",
+    "ip_param_counts": ".loader",
+    "InjectionRegistry": ".registry",
+    "registry_of": ".registry",
+    "pattern_matches": ".registry",
+    "PRESETS": ".presets",
+    "register_preset": ".presets",
+    "StepGate": ".gating",
+    "CONFIGS": ".architectures",
+    "build_meta_unet": ".architectures",
+    "detect_arch": ".architectures",
+    "AttentionSite": ".sites",
+    "attention_sites": ".sites",
+    "ip_sites": ".sites",
+    "ip_key_ids": ".sites",
+    "EditingMethod": ".methods",
+    "AttentionCall": ".methods",
+    "apply_method": ".methods",
+    "remove_method": ".methods",
+    "applied_methods": ".methods",
+    "StyleAligned": ".methods",
+    "VisualStylePrompting": ".methods",
+    "AttentionMapCapture": ".methods",
+    "save_heatmaps": ".methods",
 }
 
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
