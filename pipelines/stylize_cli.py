@@ -64,6 +64,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--score-shift", type=float, default=0.0, help="logit shift on the shared reference keys (default 0)")
     g.add_argument("--only-self-level", type=float, default=0.0,
                    help="fraction of self-attention layers left unshared, evenly spaced (default 0)")
+    g.add_argument("--no-shared-norms", action="store_true",
+                   help="keep each image's own GroupNorm statistics (default: shared with the reference, as upstream)")
     g = parser.add_argument_group("generation")
     g.add_argument("--prompt", action="append", required=True,
                    help="the prompt; with --method style-aligned repeat it: one image per prompt, styled like the first")
@@ -135,6 +137,8 @@ def _versions() -> dict:
 def _check_method_arguments(args) -> None:
     """Which flags each --method needs or can't use."""
     if args.method == "instantstyle":
+        if args.no_shared_norms:
+            raise UserError("--no-shared-norms: used only by --method style-aligned")
         for flag, value in (("--ip-adapter", args.ip_adapter), ("--image-encoder", args.image_encoder), ("--style", args.style)):
             if not value:
                 raise UserError(f"{flag}: required with --method instantstyle")
@@ -202,6 +206,7 @@ def _style_aligned(args, pipe):
     from instantstyle.processors.methods import StyleAligned, apply_method, remove_method
 
     method = StyleAligned(keys_scale=args.keys_scale, score_shift=args.score_shift, only_self_level=args.only_self_level,
+                          share_group_norm=not args.no_shared_norms, share_layer_norm=not args.no_shared_norms,
                           cfg=args.guidance > 1.0)  # diffusers runs CFG as [negatives; positives] when guidance > 1
 
     def generate(call):

@@ -136,6 +136,16 @@ class EditingMethod:
         Return False wherever maps are not needed: those calls stay fused."""
         return True
 
+    # -- beyond attention ---------------------------------------------------------------
+    def patch_modules(self, unet) -> None:
+        """Called by ``apply_method`` before the method's layers are set: patch other
+        modules of ``unet`` (StyleAligned's shared GroupNorm statistics).  Raise, changing
+        nothing, to refuse; the method is then not applied."""
+
+    def unpatch_modules(self, unet) -> None:
+        """Called by ``remove_method``: undo ``patch_modules`` exactly (whatever the
+        method's options are by then)."""
+
     # -- step bookkeeping ---------------------------------------------------------------
     def on_step(self, step: int, timestep) -> None:
         """Called before every UNet forward while the method is attached."""

@@ -11,7 +11,9 @@ IP-Adapter's streams and a method's joint keys meet in the same launch.  Only a 
 with an active observer (kind 5) materialises the probabilities (unfused).
 
 :func:`remove_method` detaches a method; a layer left without methods gets back the
-very processor object it had before, so outputs are restored exactly.
+very processor object it had before, so outputs are restored exactly.  A method may
+also patch modules beyond attention (``EditingMethod.patch_modules``: StyleAligned's
+shared GroupNorm statistics); removing it calls ``unpatch_modules``, which restores them.
 
 Apply methods after ``load_ip_adapter``: loading replaces the processors of every
 cross-attention layer (and so drops methods attached there).
@@ -262,6 +264,7 @@ def apply_method(model_or_pipeline, method: EditingMethod) -> Injection:
     modules = {s.name: s.module for s in registry.sites}
     # build every processor first, so a layer we can't handle leaves the UNet untouched
     procs = {site: _fused_processor_for(site, modules[site].processor) for site in chosen}
+    method.patch_modules(unet)  # may refuse (raise) before anything changed
     for site, proc in procs.items():
         current = modules[site].processor
         if proc is not current:
@@ -298,7 +301,7 @@ def remove_method(model_or_pipeline, method) -> None:
         methods[:] = [e for e in methods if e.method.name != name]
         if not methods and site in state.originals:
             modules[site].set_processor(state.originals.pop(site))
-    del state.methods[name]
+    state.methods.pop(name).unpatch_modules(unet)
     registry_of(unet).injections.pop(f"method:{name}", None)
     if not state.applied:
         state.hook.remove()

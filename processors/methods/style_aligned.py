@@ -12,15 +12,21 @@ row, so rows ``0`` and ``B//2``):
    appends its own keys.  ``keys_scale`` multiplies the appended reference keys of the
    non-reference rows (a logit scale); ``score_shift`` adds to every appended key's
    logit (upstream's ``shared_score_shift``).
-
-Shared GroupNorm/LayerNorm statistics (upstream's ``share_group_norm`` /
-``share_layer_norm``) patch the norm layers, not attention, and are not done here.
+3. Shared norms (upstream's ``register_shared_norm``, on by default as upstream):
+   with ``share_group_norm`` every ``nn.GroupNorm`` of the UNet (all of them, whatever
+   ``target`` and ``only_self_level`` pick, as upstream) computes its statistics over
+   ``[own features ; the reference's]`` and keeps its own output
+   (:mod:`.shared_norms`).  ``share_layer_norm`` is accepted for upstream's signature
+   but patches nothing: a UNet's LayerNorms are per token, where sharing is a no-op.
+   The norms follow the method's ``cfg`` and step gate, and ``remove_method`` restores
+   them exactly.
 """
 from __future__ import annotations
 
 import torch
 
 from .base import AttentionCall, EditingMethod, reference_rows
+from .shared_norms import share_group_norms, unshare_group_norms
 from ..validation import describe, require_fraction, require_number
 
 EPS = 1e-5
@@ -61,6 +67,10 @@ class StyleAligned(EditingMethod):
         score_shift: added to the logits of every appended reference key (upstream
             ``shared_score_shift``), default 0.
         only_self_level: fraction of the targeted layers, evenly spaced, left unshared.
+        share_group_norm: GroupNorm statistics of every UNet norm layer over own +
+            reference features (upstream default True).
+        share_layer_norm: upstream's LayerNorm sharing (default True); a mathematical
+            no-op on a UNet's per-token LayerNorms, so nothing is patched for it.
         cfg: True when the batch is ``[unconditional; conditional]`` (each half has its
             own reference); False for a batch without CFG (row 0 is the reference).
         start_at, end_at, name: see :class:`EditingMethod`.
@@ -72,9 +82,10 @@ class StyleAligned(EditingMethod):
 
     def __init__(self, target=None, *, adain_queries: bool = True, adain_keys: bool = True, adain_values: bool = False,
                  keys_scale: float = 1.0, score_shift: float = 0.0, only_self_level: float = 0.0, cfg: bool = True,
-                 start_at: float = 0.0, end_at: float = 1.0, name=None):
+                 share_group_norm: bool = True, share_layer_norm: bool = True, start_at: float = 0.0, end_at: float = 1.0, name=None):
         super().__init__(target, start_at=start_at, end_at=end_at, name=name)
-        for flag, value in (("adain_queries", adain_queries), ("adain_keys", adain_keys), ("adain_values", adain_values), ("cfg", cfg)):
+        for flag, value in (("adain_queries", adain_queries), ("adain_keys", adain_keys), ("adain_values", adain_values), ("cfg", cfg),
+                            ("share_group_norm", share_group_norm), ("share_layer_norm", share_layer_norm)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag}: expected True or False, got {describe(value)}")
         self.adain_queries, self.adain_keys, self.adain_values = adain_queries, adain_keys, adain_values
@@ -82,6 +93,17 @@ class StyleAligned(EditingMethod):
         self.score_shift = require_number("score_shift", score_shift)
         self.only_self_level = require_fraction("only_self_level", only_self_level)
         self.halves = 2 if cfg else 1
+        self.share_group_norm, self.share_layer_norm = share_group_norm, share_layer_norm
+
+    def patch_modules(self, unet):
+        # LayerNorm: upstream appends the reference tokens on dim -2, but the UNet's
+        # LayerNorms normalise each token over its channels alone, so the kept rows come
+        # out the same; share_layer_norm patches nothing (see shared_norms).
+        if self.share_group_norm:
+            share_group_norms(unet, self.halves, self.gate, owner=self.name, label="StyleAligned batch")
+
+    def unpatch_modules(self, unet):
+        unshare_group_norms(unet, self.name)
 
     def select_sites(self, sites):
         unshared = switch_vector(len(sites), self.only_self_level)

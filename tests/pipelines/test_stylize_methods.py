@@ -42,6 +42,13 @@ def test_style_aligned_batch_shares_the_first_images_style(tiny_sdxl, tmp_path):
     second = tmp_path / "second.png"
     assert main(_args(tiny_sdxl, second, [PROMPTS[0], PROMPTS[1]], "--keys-scale", "0.9", "--only-self-level", "0.5")) == 0
     assert np.abs(_pixels(tmp_path / "second-1.png") - _pixels(paths[1])).max() > 0  # sharing fewer layers changes it
+    # the GroupNorms share the reference's statistics by default; --no-shared-norms keeps their own
+    own = tmp_path / "own.png"
+    assert main(_args(tiny_sdxl, own, [PROMPTS[0], PROMPTS[1]], "--keys-scale", "0.9", "--no-shared-norms")) == 0
+    assert json.loads(own.with_suffix(".json").read_text())["settings"]["no_shared_norms"] is True
+    assert sidecar["settings"]["no_shared_norms"] is False
+    assert np.abs(_pixels(tmp_path / "own-0.png") - _pixels(alone)).max() <= 1  # the reference: unchanged either way
+    assert np.abs(_pixels(tmp_path / "own-1.png") - _pixels(paths[1])).max() > 0
 
 
 @pytest.mark.parametrize(
@@ -50,6 +57,7 @@ def test_style_aligned_batch_shares_the_first_images_style(tiny_sdxl, tmp_path):
         (["--method", "style-aligned", "--style", "x.png"], "--style: not used by --method style-aligned"),
         (["--method", "style-aligned", "--only-self-level", "2"], "--only-self-level: expected a fraction in \\[0, 1\\], got 2.0"),
         (["--method", "instantstyle"], "--ip-adapter: required with --method instantstyle"),
+        (["--method", "instantstyle", "--no-shared-norms"], "--no-shared-norms: used only by --method style-aligned"),
     ],
 )
 def test_method_flag_mistakes_are_one_line_errors(tiny_sdxl, tmp_path, capsys, extra, message):

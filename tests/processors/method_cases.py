@@ -74,6 +74,37 @@ class RefStyleAligned(RefSelfAttention):
         return attention(q, k, v, shift_from=n, shift=self.shift)[0]
 
 
+def concat_first(feat, halves, dim=-2):
+    """Upstream ``concat_first``: ``feat`` followed by its CFG half's first row on ``dim``."""
+    return torch.cat((feat, expand_first(feat, halves)), dim=dim)
+
+
+def share_norms(unet, halves=2, group=True, layer=True):
+    """Upstream ``register_shared_norm``: every GroupNorm / LayerNorm of ``unet`` runs on
+    ``[own ; reference]`` along dim -2 and keeps its own ``n`` rows.  Returns the layers."""
+    patched = []
+
+    def visit(module):
+        if (isinstance(module, torch.nn.GroupNorm) and group) or (isinstance(module, torch.nn.LayerNorm) and layer):
+            patched.append(module)
+        if not isinstance(module, torch.nn.GroupNorm):  # upstream does not descend into a GroupNorm
+            for child in module.children():
+                visit(child)
+
+    visit(unet)
+    for norm in patched:
+        orig_forward = norm.forward
+
+        def forward_(hidden_states, orig_forward=orig_forward):
+            n = hidden_states.shape[-2]
+            hidden_states = concat_first(hidden_states, halves, dim=-2)
+            hidden_states = orig_forward(hidden_states)
+            return hidden_states[..., :n, :]
+
+        norm.forward = forward_
+    return patched
+
+
 class RefVisualStylePrompting(RefSelfAttention):
     """Keep the queries, swap keys and values for the reference's (first row per CFG half)."""
 

@@ -14,6 +14,7 @@ from method_cases import (
     RefStyleAligned,
     RefVisualStylePrompting,
     run,
+    share_norms,
     with_processors,
 )
 from test_unet_parity import diffusers_loaded
@@ -92,6 +93,7 @@ def test_ip_adapter_plus_style_aligned_equals_both_by_hand(monkeypatch):
     ours, ckpt = _with_ip(unet)
     apply_method(ours, StyleAligned())
     ref, _ = with_processors(diffusers_loaded(unet, [ckpt], STYLE), RefStyleAligned)
+    share_norms(ref)  # StyleAligned's default shared norms, upstream-style
     expected = run(ref, dtype=torch.float64, **_embeds())
     calls = _op_calls(monkeypatch)
     got = run(ours, **_embeds())
@@ -103,6 +105,7 @@ def test_ip_adapter_plus_style_aligned_equals_both_by_hand(monkeypatch):
     assert sum(1 for _, ip, _ in calls if ip == 1) == 3  # the 3 layers of SDXL's style block
     # and IP-Adapter alone is really in there
     without_ip, _ = with_processors(unet, RefStyleAligned)
+    share_norms(without_ip)
     assert (expected - run(without_ip, dtype=torch.float64, **_embeds())).norm() > 1e-3 * expected.norm()
 
 
@@ -153,6 +156,7 @@ def test_readme_example_masactrl_from_its_start_step():
 
 @pytest.mark.parametrize("methods", [
     [StyleAligned()],
+    [StyleAligned(start_at=0.2, cfg=False, share_group_norm=False), StyleAligned(name="sa2", end_at=0.9)],
     [VisualStylePrompting()],
     [AttentionMapCapture()],
     [SharedPrompt(target="style")],
@@ -161,13 +165,18 @@ def test_readme_example_masactrl_from_its_start_step():
 def test_turning_methods_off_restores_the_model_exactly(methods):
     ours, _ = _with_ip(tiny_unet("sdxl"))
     before = dict(ours.attn_processors)
+    norms = [m for m in ours.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and not any("forward" in m.__dict__ for m in norms)
     expected = run(ours, **_embeds())
     for method in methods:
         apply_method(ours, method)
+    shared = any(getattr(m, "share_group_norm", False) for m in methods)
+    assert all(("forward" in m.__dict__) == shared for m in norms)  # StyleAligned's shared GroupNorms
     assert (run(ours, **_embeds()) - expected).abs().max() > 0 or methods[0].kinds == [5]
     for method in reversed(methods):
         remove_method(ours, method.name)
     assert torch.equal(run(ours, **_embeds()), expected)
+    assert not [k for m in norms for k in m.__dict__ if k == "forward" or k.startswith("_instantstyle")]  # no patch left
     after = ours.attn_processors
     assert all(after[name] is proc for name, proc in before.items())
     assert not applied_methods(ours) and not [m for m in registry_of(ours).injections if m.startswith("method:")]
@@ -185,6 +194,14 @@ def test_removing_one_of_two_keeps_the_other():
     assert torch.equal(run(both), run(only_sa))
     apply_method(both, StyleAligned(keys_scale=0.5))  # same name: replaces
     assert list(applied_methods(both)) == ["style_aligned"] and applied_methods(both)["style_aligned"].keys_scale == 0.5
+    # one StyleAligned at a time shares the GroupNorms: a second is refused, the first kept
+    with pytest.raises(ValueError, match="already shared by method 'style_aligned'; pass share_group_norm=False"):
+        apply_method(both, StyleAligned(name="second"))
+    assert list(applied_methods(both)) == ["style_aligned"]
+    apply_method(both, StyleAligned(keys_scale=0.5, name="second", share_group_norm=False))
+    remove_method(both, "second")
+    apply_method(only_sa, StyleAligned(keys_scale=0.5))
+    assert torch.equal(run(both), run(only_sa))
 
 
 def test_bad_inputs_name_the_argument():

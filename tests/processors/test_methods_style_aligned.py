@@ -6,24 +6,33 @@ import copy
 import pytest
 import torch
 from ip_fixtures import tiny_unet
-from method_cases import RefStyleAligned, one_layer, run, with_processors
+from method_cases import RefStyleAligned, one_layer, run, share_norms, with_processors
 
 from instantstyle.kernels import check_close
 from instantstyle.processors import StyleAligned, apply_method, registry_of, remove_method
+from instantstyle.processors.methods.shared_norms import share_group_norms, unshare_group_norms
 from instantstyle.processors.methods.style_aligned import switch_vector
 
+# (arch, our options, reference attention options, upstream-style shared norms (None: off), batch)
 CASES = [
-    ("sdxl", {}, {}, 4),
-    ("sdxl", dict(keys_scale=0.7, score_shift=0.4, adain_values=True), dict(keys_scale=0.7, score_shift=0.4, adain_values=True), 4),
-    ("sdxl", dict(adain_queries=False, cfg=False), dict(adain_queries=False, halves=1), 3),
-    ("sd15", dict(keys_scale=1.3), dict(keys_scale=1.3), 6),
+    ("sdxl", {}, {}, dict(halves=2), 4),
+    ("sdxl", dict(keys_scale=0.7, score_shift=0.4, adain_values=True), dict(keys_scale=0.7, score_shift=0.4, adain_values=True),
+     dict(halves=2), 4),
+    ("sdxl", dict(adain_queries=False, cfg=False), dict(adain_queries=False, halves=1), dict(halves=1), 3),
+    ("sdxl", dict(share_group_norm=False, share_layer_norm=False), {}, None, 4),
+    ("sd15", dict(keys_scale=1.3), dict(keys_scale=1.3), dict(halves=2), 6),
 ]
 
 
-@pytest.mark.parametrize("arch, ours_kwargs, ref_kwargs, batch", CASES)
-def test_matches_upstream_math(arch, ours_kwargs, ref_kwargs, batch):
+@pytest.mark.parametrize("arch, ours_kwargs, ref_kwargs, norms, batch", CASES)
+def test_matches_upstream_math(arch, ours_kwargs, ref_kwargs, norms, batch):
+    """The whole UNet against upstream's attention math and (by default) its shared
+    GroupNorm AND LayerNorm patching: ours shares only GroupNorm statistics, so this also
+    checks that upstream's LayerNorm sharing is a no-op on a UNet."""
     unet = tiny_unet(arch)
     ref, _ = with_processors(unet, lambda: RefStyleAligned(**ref_kwargs))
+    if norms is not None:
+        assert share_norms(ref, **norms)
     expected = run(ref, batch=batch, dtype=torch.float64)
     ours = copy.deepcopy(unet)
     base = run(ours, batch=batch)
@@ -45,8 +54,8 @@ def test_one_layer_within_dtype_tolerance(dtype, precision):
 
 
 def test_each_cfg_half_references_its_own_first_image():
-    """Rows 0 and B//2 are references: they attend to themselves only, so they equal the
-    plain model's output for those rows, and changing the other half does not move them."""
+    """Rows 0 and B//2 are references: they attend to themselves only and their shared
+    GroupNorms see [own ; own], so they equal the plain model's output for those rows."""
     unet = tiny_unet("sdxl")
     base = run(copy.deepcopy(unet), batch=4)
     ours = copy.deepcopy(unet)
@@ -55,6 +64,78 @@ def test_each_cfg_half_references_its_own_first_image():
     # a reference attends to [own K; own K] with values [own V; own V]: the same softmax average
     check_close(got[[0, 2]], base[[0, 2]], "fp32")
     assert (got[[1, 3]] - base[[1, 3]]).norm() > 1e-3 * base[[1, 3]].norm()
+
+
+def _by_hand_shared_group_norm(norm, x, halves):
+    """GroupNorm of each row with mean/var over its groups in [own ; reference] (biased var)."""
+    batch, channels = x.shape[:2]
+    per, size = batch // halves, channels // norm.num_groups
+    out = torch.empty_like(x)
+    for b in range(batch):
+        r = b // per * per
+        for g in range(norm.num_groups):
+            c = slice(g * size, (g + 1) * size)
+            both = torch.cat([x[b, c].reshape(-1), x[r, c].reshape(-1)])
+            mean = both.sum() / both.numel()
+            var = ((both - mean) ** 2).sum() / both.numel()
+            out[b, c] = (x[b, c] - mean) / torch.sqrt(var + norm.eps)
+    shape = (1, channels) + (1,) * (x.ndim - 2)
+    return out * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+
+
+@pytest.mark.parametrize("shape, halves", [((4, 8, 3, 5), 2), ((3, 8, 6), 1), ((4, 8, 2, 3, 2), 2)])
+def test_one_shared_group_norm_by_hand(shape, halves):
+    g = torch.Generator().manual_seed(1)
+    norm = torch.nn.GroupNorm(4, 8).double()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(8, generator=g, dtype=torch.float64))
+        norm.bias.copy_(0.3 * torch.randn(8, generator=g, dtype=torch.float64))
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + torch.arange(shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1))
+    model = torch.nn.Sequential(norm)
+    with torch.no_grad():
+        plain = model(x)
+        assert share_group_norms(model, halves, owner="m") == 1
+        got = model(x)
+        expected = _by_hand_shared_group_norm(norm, x, halves)
+    check_close(got, expected, "fp64")
+    refs = [b // (shape[0] // halves) * (shape[0] // halves) for b in range(shape[0])]
+    others = [b for b in range(shape[0]) if refs[b] != b]
+    references = sorted(set(refs))  # stats over [own ; own]: the plain GroupNorm
+    check_close(got[references], plain[references], "fp64")
+    assert (got[others] - plain[others]).abs().max() > 1e-2  # the others really moved
+    assert unshare_group_norms(model, "m") == 1 and "forward" not in norm.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+
+
+def test_shared_group_norm_follows_the_step_gate_in_one_graph():
+    """Closed: exactly the plain GroupNorm; open: shared.  One compiled graph for both."""
+    from instantstyle.processors.gating import StepGate
+
+    torch._dynamo.reset()
+    norm = torch.nn.GroupNorm(2, 4)
+    x = torch.randn(4, 4, 3, 3)
+    with torch.no_grad():
+        plain = norm(x)
+        gate = StepGate(0.5, 1.0)  # open for t <= 499.5
+        share_group_norms(norm, 2, gate, owner="m")
+        shared = _by_hand_shared_group_norm(norm, x, 2)
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        compiled = torch.compile(lambda h: norm(h), backend=backend)
+        for timestep in (900, 100, 900, 100):
+            gate.update(timestep)
+            got = compiled(x)
+            if timestep == 900:
+                assert torch.equal(got, plain) and torch.equal(norm(x), plain)
+            else:
+                check_close(got, shared, "fp32")
+    assert len(graphs) == 1
+    torch._dynamo.reset()
 
 
 def test_only_self_level_leaves_evenly_spaced_layers_unshared():
@@ -87,6 +168,8 @@ def test_bad_arguments_name_themselves():
         StyleAligned(only_self_level=1.5)
     with pytest.raises(TypeError, match="cfg: expected True or False"):
         StyleAligned(cfg=2)
+    with pytest.raises(TypeError, match="share_group_norm: expected True or False"):
+        StyleAligned(share_group_norm="yes")
     with pytest.raises(ValueError, match="end_at"):
         StyleAligned(start_at=0.8, end_at=0.2)
     unet = tiny_unet("sdxl")
