@@ -13,10 +13,23 @@ from __future__ import annotations
 
 from typing import Optional
 
-from instantstyle.processors import load_ip_adapter
-from instantstyle.processors.checkpoints import read_checkpoint
+from instantstyle.loaders import load_ip_adapter
+from instantstyle.loaders.checkpoints import read_checkpoint
+from instantstyle.loaders.hub import attach_image_encoder, resolve_checkpoints
 
 from .content import style_image_embeds
+
+
+def read_ip_adapter(checkpoint) -> tuple:
+    """``read_checkpoint`` with unreadable files (empty, truncated, not a checkpoint) reported as
+    a ``ValueError`` naming the file, not as a pickle/safetensors internal error."""
+    try:
+        return read_checkpoint(checkpoint)
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError):
+        raise
+    except Exception as exc:  # UnpicklingError, EOFError, SafetensorError, RuntimeError from torch.load
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ValueError(f"{checkpoint}: not a readable IP-Adapter checkpoint ({type(exc).__name__}: {first})") from None
 
 
 class InstantStyle:
@@ -24,41 +37,56 @@ class InstantStyle:
 
     Args:
         pipe: a StableDiffusion(XL) pipeline: text-to-image, img2img, inpaint or ControlNet.
-        ip_adapter: path to an IP-Adapter ``.bin``/``.safetensors`` (original layout) or
-            its state dict.
+        ip_adapter: a hub id (``"h94/IP-Adapter"``), a folder, a path to an IP-Adapter
+            ``.bin``/``.safetensors`` (original layout) or its state dict.
+        subfolder, weight_name, image_encoder_folder, **hub_kwargs: as in
+            :func:`instantstyle.load_ip_adapter` (diffusers' semantics); the image encoder is
+            attached from the adapter's repo/folder when none is given.
         target: a preset (``"style"``, ``"layout"``, ``"style+layout"``, ``"all"``), module
             patterns, or a ``set_ip_adapter_scale`` dict; see ``instantstyle.processors``.
         scale: IP-Adapter scale in the target layers.
         image_encoder, image_processor: the CLIP vision model with projection and its
             processor, if the pipeline has none yet.
+        start_at, end_at: the adapter's active range over the schedule (fractions, as ComfyUI).
         text_encoder, tokenizer: CLIP text model with projection for content subtraction
             when the pipeline's ``text_encoder_2`` is not in the image encoder's space
             (ViT-H adapters).
     """
 
     def __init__(self, pipe, ip_adapter, target="style", scale: float = 1.0, image_encoder=None, image_processor=None,
-                 text_encoder=None, tokenizer=None):
+                 text_encoder=None, tokenizer=None, *, subfolder=None, weight_name=None,
+                 image_encoder_folder: Optional[str] = "image_encoder", start_at: float = 0.0, end_at: float = 1.0,
+                 **hub_kwargs):
         self.pipe = pipe
+        files = resolve_checkpoints(ip_adapter, subfolder, weight_name, **hub_kwargs)
+        if len(files) != 1:
+            raise ValueError(f"ip_adapter: InstantStyle takes one IP-Adapter, got {len(files)}")
         if image_encoder is not None or image_processor is not None:
             pipe.register_modules(
                 image_encoder=image_encoder if image_encoder is not None else pipe.image_encoder,
                 feature_extractor=image_processor if image_processor is not None else pipe.feature_extractor,
             )
+        self._state, self.source = read_ip_adapter(files[0])  # read once
+        attach_image_encoder(pipe, ip_adapter, subfolder, image_encoder_folder, **hub_kwargs)
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self._state, self.source = read_checkpoint(ip_adapter)  # read once
-        self.target, self.scale = target, scale
-        self.report = self._load()
+        self.target, self.scale, self.start_at, self.end_at = target, scale, start_at, end_at
+        self.report = self._load(target, scale)
 
-    def _load(self):
-        return load_ip_adapter(self.pipe, self._state, target=self.target, scale=self.scale)
+    def _load(self, target, scale):
+        return load_ip_adapter(self.pipe, self._state, target=target, scale=scale, start_at=self.start_at,
+                               end_at=self.end_at)
 
     def configure(self, target=None, scale: Optional[float] = None):
-        """Change targets and/or scale from the in-memory checkpoint (no disk read)."""
-        changed = (target is not None and target != self.target) or (scale is not None and scale != self.scale)
-        if changed:
-            self.target = self.target if target is None else target
-            self.scale = self.scale if scale is None else scale
-            self.report = self._load()
+        """Change targets and/or scale from the in-memory checkpoint (no disk read).
+
+        All or nothing: if loading fails (a target that matches nothing, a bad scale), the
+        error propagates and the model, ``target``, ``scale`` and ``report`` are unchanged.
+        """
+        new_target = self.target if target is None else target
+        new_scale = self.scale if scale is None else scale
+        if new_target != self.target or new_scale != self.scale:
+            report = self._load(new_target, new_scale)  # raises before touching the UNet on bad input
+            self.target, self.scale, self.report = new_target, new_scale, report
         return self.report
 
     def embeds(self, style_images, content_prompt: Optional[str] = None, content_scale: float = 0.5,

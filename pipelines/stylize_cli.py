@@ -2,63 +2,68 @@
 
 The IP-Adapter goes only into the preset's blocks (SDXL "style" = up_blocks.0.attentions.1),
 the reference's content is subtracted in CLIP space (--content-prompt), and fused
-decoupled-attention processors run every cross-attention layer.  A JSON sidecar next to
-the PNG records every setting, the resolved target modules, versions and timings.
+decoupled-attention processors run every cross-attention layer.  Next to the image,
+<image>.json (e.g. dog.png.json) records every setting that applied, the resolved target
+modules, backend, scheduler, versions and timings; PNGs also carry the settings in text chunks.
 
-example (SDXL, ip-adapter_sdxl with its ViT-bigG image encoder):
+example (SDXL, the official checkpoints from the hub, h94/IP-Adapter):
   instantstyle stylize \\
       --model stabilityai/stable-diffusion-xl-base-1.0 \\
-      --ip-adapter IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors \\
-      --image-encoder IP-Adapter/sdxl_models/image_encoder \\
+      --ip-adapter h94/IP-Adapter --subfolder sdxl_models --weight-name ip-adapter_sdxl.safetensors \\
       --style reference.png --content-prompt "a cat" \\
       --prompt "a dog sitting on a bench" --preset style --scale 1.0 \\
       --out dog.png
 
-Models are loaded from local folders or, if the hub is reachable, hub ids.  Add
---controlnet DIR --control-image IMG [--canny] for spatial control.
+The image encoder defaults to diffusers' layout, "image_encoder" next to the checkpoint
+(sdxl_models/image_encoder); --image-encoder overrides it.  Local files and folders work the
+same (--ip-adapter IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors); HF_HUB_OFFLINE=1 reads
+the local hub cache only.  Add --controlnet DIR --control-image IMG [--canny] for spatial control.
 
 --method style-aligned runs StyleAligned instead (shared self-attention, no IP-Adapter):
-a batch of prompts whose images share the first image's style.  --out a.png writes
-a-0.png, a-1.png, ... (one per --prompt) and a.json:
+a batch of two or more prompts whose images share the first image's style.  --out a.png
+writes a-0.png, a-1.png, ... (one per --prompt) and a.png.json:
   instantstyle stylize --method style-aligned --model stabilityai/stable-diffusion-xl-base-1.0 \\
       --prompt "a toy train, minimal origami" --prompt "a toy airplane, minimal origami" \\
       --prompt "a toy car, minimal origami" --out toys.png
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
+from .cli_args import (add_model_arguments, add_runtime_arguments, check_runtime, check_start_end, device_and_dtype,
+                       finite, hub_kwargs)
+from .errors import UserError
+from .outputs import check_output, png_text, save_image, sidecar_path, write_json
+
 PRESET_CHOICES = ("style", "layout", "style+layout", "all")
-DTYPES = ("float16", "bfloat16", "float32")
 METHODS = ("instantstyle", "style-aligned")
-
-
-class UserError(Exception):
-    """A mistake in the command line or the files it names: reported without a traceback."""
+#: settings that only one method reads: the sidecar records only those that applied
+ONLY_FOR = {
+    "instantstyle": ("ip_adapter", "subfolder", "weight_name", "image_encoder", "content_text_encoder", "style",
+                     "content_prompt", "content_scale", "preset", "target", "scale"),
+    "style-aligned": ("keys_scale", "score_shift", "only_self_level", "no_shared_norms"),
+}
+NOT_SETTINGS = ("run", "command", "debug")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--method", choices=METHODS, default="instantstyle",
                         help="instantstyle: IP-Adapter in style blocks (default); style-aligned: a batch of "
                              "prompts sharing the first image's style through self-attention")
-    g = parser.add_argument_group("models")
-    g.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (SDXL or SD1.5)")
-    g.add_argument("--ip-adapter", help="IP-Adapter .bin/.safetensors in the original layout (instantstyle)")
-    g.add_argument("--image-encoder", help="CLIP vision model (with projection) folder or hub id (instantstyle)")
-    g.add_argument("--controlnet", help="ControlNet folder or hub id (needs --control-image)")
-    g.add_argument("--content-text-encoder", metavar="DIR",
-                   help="CLIP text model with projection (and its tokenizer) in the image encoder's space, for "
-                        "--content-prompt with ViT-H adapters (SD1.5); default: the SDXL pipeline's text_encoder_2")
+    add_model_arguments(parser, " (instantstyle)")
     g = parser.add_argument_group("style")
     g.add_argument("--style", action="append", metavar="IMAGE", help="style reference (repeatable; instantstyle)")
     g.add_argument("--content-prompt", help="what the reference shows ('a cat'); subtracted from its embedding")
     g.add_argument("--content-scale", type=float, default=0.5, help="how much content to subtract (default 0.5)")
-    g.add_argument("--preset", choices=PRESET_CHOICES, default="style", help="blocks to inject into (default style)")
-    g.add_argument("--target", action="append", metavar="PATTERN", help="module prefix/glob instead of --preset (repeatable)")
-    g.add_argument("--scale", type=float, default=1.0, help="IP-Adapter scale in the target blocks (default 1.0)")
+    g.add_argument("--preset", choices=PRESET_CHOICES, default=None, help="blocks to inject into (default style)")
+    g.add_argument("--target", action="append", metavar="PATTERN",
+                   help="module prefix/glob instead of --preset (repeatable), e.g. --target up_blocks.0.attentions.1")
+    g.add_argument("--scale", type=float, default=1.0, help="IP-Adapter scale in the target blocks, >= 0 (default 1.0)")
+    g.add_argument("--start-at", type=float, default=0.0,
+                   help="fraction of the schedule where the injection starts (default 0; both methods)")
+    g.add_argument("--end-at", type=float, default=1.0, help="fraction of the schedule where it ends (default 1)")
     g = parser.add_argument_group("style-aligned")
     g.add_argument("--keys-scale", type=float, default=1.0, help="logit scale on the shared reference keys (default 1.0)")
     g.add_argument("--score-shift", type=float, default=0.0, help="logit shift on the shared reference keys (default 0)")
@@ -70,89 +75,61 @@ def add_arguments(parser) -> None:
     g.add_argument("--prompt", action="append", required=True,
                    help="the prompt; with --method style-aligned repeat it: one image per prompt, styled like the first")
     g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--controlnet", help="ControlNet folder or hub id (needs --control-image)")
     g.add_argument("--control-image", help="control image for --controlnet")
     g.add_argument("--canny", action="store_true", help="turn --control-image into Canny edges first")
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=5.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
-    g.add_argument("--out", required=True, help="output PNG; a .json sidecar is written next to it")
+    g.add_argument("--out", required=True, help="output image (.png, .jpg, .webp); <out>.json is written next to it")
+    add_runtime_arguments(parser)
 
 
-def _require_file(flag: str, path: str) -> None:
-    if not os.path.exists(path):
-        raise UserError(f"{flag}: no such file or folder: {path}")
-
-
-def _from_pretrained(flag: str, load, name: str, **kwargs):
-    """Load a model; a missing model becomes a message that says how to work offline."""
-    try:
-        return load(name, **kwargs)
-    except (OSError, ValueError) as exc:
-        where = "folder" if os.path.isdir(name) else "hub id"
-        raise UserError(
-            f"{flag}: could not load {name!r} ({where}): {str(exc).splitlines()[0]}\n"
-            "  Without network access, download the model once and pass its local folder "
-            "(e.g. from `huggingface-cli download ...`), or set HF_HUB_OFFLINE=1 to use the local cache."
-        ) from None
-
-
-def _load_pipeline(args, torch_dtype):
-    from diffusers import AutoPipelineForText2Image, ControlNetModel
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    kwargs = {"torch_dtype": torch_dtype}
-    if args.controlnet:
-        kwargs["controlnet"] = _from_pretrained("--controlnet", ControlNetModel.from_pretrained, args.controlnet, torch_dtype=torch_dtype)
-    pipe = _from_pretrained("--model", AutoPipelineForText2Image.from_pretrained, args.model, **kwargs)
-    if args.method != "instantstyle":
-        return pipe, None, None
-    encoder = _from_pretrained("--image-encoder", CLIPVisionModelWithProjection.from_pretrained, args.image_encoder, torch_dtype=torch_dtype)
-    try:
-        processor = CLIPImageProcessor.from_pretrained(args.image_encoder)
-    except OSError:  # IP-Adapter's image_encoder folders ship no processor config
-        processor = CLIPImageProcessor(size=encoder.config.image_size, crop_size=encoder.config.image_size)
-    return pipe, encoder, processor
-
-
-def _open_image(flag: str, path: str):
+def open_image(flag: str, path: str):
+    """An RGB image, or a one-line error for a missing, truncated, bomb-sized or non-image file."""
     from PIL import Image, UnidentifiedImageError
 
-    _require_file(flag, path)
+    if not os.path.isfile(path):
+        raise UserError(f"{flag}: no such file: {path}" if not os.path.isdir(path) else f"{flag}: {path} is a folder")
     try:
-        return Image.open(path).convert("RGB")
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes now: a truncated file fails here, not mid-run
     except UnidentifiedImageError:
         raise UserError(f"{flag}: not an image file: {path}") from None
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{flag}: {path}: refused as a possible decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise UserError(f"{flag}: can't read {path}: {exc}") from None
 
 
-def _versions() -> dict:
-    from instantstyle.info import package_versions
-
-    return package_versions()
-
-
-def _check_method_arguments(args) -> None:
-    """Which flags each --method needs or can't use."""
+def check_method_arguments(args) -> None:
+    """Which flags each --method needs or can't use, and the numbers they take."""
+    check_start_end(args)
     if args.method == "instantstyle":
         if args.no_shared_norms:
             raise UserError("--no-shared-norms: used only by --method style-aligned")
-        for flag, value in (("--ip-adapter", args.ip_adapter), ("--image-encoder", args.image_encoder), ("--style", args.style)):
+        for flag, value in (("--ip-adapter", args.ip_adapter), ("--style", args.style)):
             if not value:
                 raise UserError(f"{flag}: required with --method instantstyle")
         if len(args.prompt) > 1:
             raise UserError(f"--prompt: --method instantstyle takes one prompt, got {len(args.prompt)}")
+        if args.target and args.preset:
+            raise UserError("--target and --preset: give one (--target names modules, --preset a block preset)")
+        finite("--scale", args.scale, 0)
+        finite("--content-scale", args.content_scale, 0)
         args.prompt = args.prompt[0]
         return
     for flag, value in (("--ip-adapter", args.ip_adapter), ("--image-encoder", args.image_encoder), ("--style", args.style),
                         ("--content-prompt", args.content_prompt), ("--content-text-encoder", args.content_text_encoder),
-                        ("--target", args.target)):
+                        ("--target", args.target), ("--preset", args.preset), ("--subfolder", args.subfolder),
+                        ("--weight-name", args.weight_name)):
         if value:
             raise UserError(f"{flag}: not used by --method {args.method}, which takes its style from the first prompt's image")
+    finite("--keys-scale", args.keys_scale)
+    finite("--score-shift", args.score_shift)
     if not 0.0 <= args.only_self_level <= 1.0:
         raise UserError(f"--only-self-level: expected a fraction in [0, 1], got {args.only_self_level}")
+    if len(args.prompt) < 2:
+        raise UserError("--prompt: --method style-aligned needs two or more prompts (the first image is the style "
+                        f"reference of the others), got {len(args.prompt)}")
 
 
 def output_paths(out: str, count: int) -> list:
@@ -163,40 +140,35 @@ def output_paths(out: str, count: int) -> list:
     return [f"{stem}-{i}{ext or '.png'}" for i in range(count)]
 
 
-def _device_and_dtype(args):
-    import torch
+def _target_message(exc: Exception) -> str:
+    """The registry's hint is Python syntax; on the command line a pattern is a --target flag."""
+    text = str(exc)
+    cut = text.find("To target modules by path")
+    return text if cut < 0 else text[:cut] + "To target modules by path use --target PATTERN (repeatable)."
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
 
-
-def _instantstyle(args, styles, pipe, encoder, processor, device, dtype):
+def _instantstyle(args, styles, pipe, encoder, processor, text_encoder, tokenizer, ip_file):
     """Wire the pipeline once (InstantStyle); returns ``generate(call) -> (images, sidecar details)``."""
     from instantstyle.pipelines.content import ContentSubtractionError
     from instantstyle.pipelines.instantstyle import InstantStyle
 
-    encoder.to(device)
-    text_encoder = tokenizer = None
-    if args.content_text_encoder:
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-        text_encoder = _from_pretrained("--content-text-encoder", CLIPTextModelWithProjection.from_pretrained, args.content_text_encoder,
-                                        torch_dtype=dtype).to(device)
-        tokenizer = _from_pretrained("--content-text-encoder", CLIPTokenizer.from_pretrained, args.content_text_encoder)
     try:
-        style = InstantStyle(pipe, args.ip_adapter, target=args.target or args.preset, scale=args.scale, image_encoder=encoder,
-                             image_processor=processor, text_encoder=text_encoder, tokenizer=tokenizer)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(f"--ip-adapter / --preset / --target: {exc}") from None
+        style = InstantStyle(pipe, ip_file, target=args.target or args.preset or "style", scale=args.scale,
+                             image_encoder=encoder, image_processor=processor, text_encoder=text_encoder, tokenizer=tokenizer,
+                             image_encoder_folder=None, start_at=args.start_at, end_at=args.end_at)
+    except (ValueError, TypeError, FileNotFoundError, KeyError, NotImplementedError) as exc:
+        raise UserError(f"--ip-adapter / --preset / --target: {_target_message(exc)}") from None
 
     def generate(call):
         try:
-            images = style(args.prompt, styles, content_prompt=args.content_prompt, content_scale=args.content_scale, **call).images
+            images = style.pipe(prompt=args.prompt, ip_adapter_image_embeds=style.embeds(
+                styles, args.content_prompt, args.content_scale, do_classifier_free_guidance=args.guidance > 1.0),
+                **call).images
         except ContentSubtractionError as exc:
             raise UserError(str(exc)) from None
         report = style.report
         return images, {"targets": sorted(report.adapters[0].layers), "ip_params_held": report.ip_params,
-                        "ip_params_all_layers": report.ip_params_all_layers}
+                        "ip_params_all_layers": report.ip_params_all_layers, "ip_adapter_file": style.source}
 
     return generate
 
@@ -207,7 +179,8 @@ def _style_aligned(args, pipe):
 
     method = StyleAligned(keys_scale=args.keys_scale, score_shift=args.score_shift, only_self_level=args.only_self_level,
                           share_group_norm=not args.no_shared_norms, share_layer_norm=not args.no_shared_norms,
-                          cfg=args.guidance > 1.0)  # diffusers runs CFG as [negatives; positives] when guidance > 1
+                          cfg=args.guidance > 1.0,  # diffusers runs CFG as [negatives; positives] when guidance > 1
+                          start_at=args.start_at, end_at=args.end_at)
 
     def generate(call):
         try:
@@ -225,30 +198,56 @@ def _style_aligned(args, pipe):
     return generate
 
 
-def stylize(args) -> dict:
-    """Run the whole job; returns the sidecar record."""
-    import torch
+def settings_of(args) -> dict:
+    """The settings that applied to this run (none of the other method's defaults)."""
+    other = [m for m in ONLY_FOR if m != args.method]
+    skip = set(NOT_SETTINGS).union(*(ONLY_FOR[m] for m in other))
+    settings = {k: v for k, v in vars(args).items() if k not in skip and not callable(v)}
+    if args.method == "instantstyle":
+        settings["target"] = args.target or args.preset or "style"
+        settings.pop("preset", None)
+    return settings
 
-    from instantstyle.pipelines.canny import canny_edges
 
+def check_all(args) -> list:
+    """Every check that needs no model, in the order a user fixes them; returns the output paths."""
     if bool(args.controlnet) != bool(args.control_image):
         raise UserError("--controlnet and --control-image go together")
     if args.canny and not args.control_image:
         raise UserError("--canny: needs --control-image")
-    _check_method_arguments(args)
-    if args.method == "instantstyle":  # user mistakes surface before minutes of model loading
-        _require_file("--ip-adapter", args.ip_adapter)
-        styles = [_open_image("--style", p) for p in args.style]
-    control = _open_image("--control-image", args.control_image) if args.control_image else None
-    device, dtype = _device_and_dtype(args)
+    check_method_arguments(args)
+    check_runtime(args)
+    count = len(args.prompt) if args.method == "style-aligned" else 1
+    return check_output(args.out, "--out", output_paths(args.out, count))
+
+
+def stylize(args) -> dict:
+    """Run the whole job; returns the sidecar record (also written next to the first image)."""
+    import torch
+
+    from instantstyle.kernels import use_backend
+
+    from .canny import canny_edges
+    from .loading import load_content_text_encoder, load_image_encoder, load_pipeline, resolve_ip_adapter
+
+    paths = check_all(args)
+    hub = hub_kwargs(args)
+    styles = [open_image("--style", p) for p in args.style] if args.method == "instantstyle" else None
+    control = open_image("--control-image", args.control_image) if args.control_image else None
+    device, dtype = device_and_dtype(args)
+    ip_file = resolve_ip_adapter(args, hub) if args.method == "instantstyle" else None
 
     timings = {}
     start = time.perf_counter()
-    pipe, encoder, processor = _load_pipeline(args, dtype)
-    pipe.to(device)
+    pipe = load_pipeline(args, dtype, hub)
     if args.method == "instantstyle":
-        generate = _instantstyle(args, styles, pipe, encoder, processor, device, dtype)
+        encoder, processor = load_image_encoder(args, dtype, hub)
+        text_encoder, tokenizer = load_content_text_encoder(args, dtype, hub)
+        pipe.to(device)
+        generate = _instantstyle(args, styles, pipe, encoder.to(device), processor,
+                                 text_encoder.to(device) if text_encoder is not None else None, tokenizer, ip_file)
     else:
+        pipe.to(device)
         generate = _style_aligned(args, pipe)
     timings["load_s"] = round(time.perf_counter() - start, 3)
 
@@ -259,38 +258,35 @@ def stylize(args) -> dict:
     if control is not None:
         call["image"] = canny_edges(control) if args.canny else control
     start = time.perf_counter()
-    images, details = generate(call)
+    with use_backend(args.backend):
+        images, details = generate(call)
     timings["generate_s"] = round(time.perf_counter() - start, 3)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    paths = [os.path.abspath(p) for p in output_paths(args.out, len(images))]
+    settings = settings_of(args)
+    text = png_text(dict(settings, scheduler=type(pipe.scheduler).__name__))
     for image, path in zip(images, paths):
-        image.save(path)
+        save_image(image, path, text)
+    from .versions import package_versions
+
     return {
         "image": paths[0],
         "images": paths,
         "method": args.method,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("run", "command")},
+        "settings": settings,
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
+        "backend": args.backend,
+        "threads": torch.get_num_threads() if device.startswith("cpu") else None,
+        "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
         **details,
-        "versions": _versions(),
+        "versions": package_versions(),
         "timings": timings,
     }
 
 
-def sidecar_path(out: str) -> str:
-    return os.path.splitext(out)[0] + ".json"
-
-
 def run(args) -> int:
-    try:
-        record = stylize(args)
-    except UserError as exc:
-        print(f"instantstyle stylize: error: {exc}", file=sys.stderr)
-        return 2
-    with open(sidecar_path(args.out), "w") as f:
-        json.dump(record, f, indent=1, default=str)
-    images = ", ".join(record["images"])
-    print(f"wrote {images} and {sidecar_path(args.out)}", file=sys.stderr)
+    record = stylize(args)  # UserError: one line from the CLI, exit 2
+    sidecar = sidecar_path(record["image"])
+    write_json(sidecar, record)
+    print(f"wrote {', '.join(record['images'])} and {sidecar}", file=sys.stderr)
     return 0

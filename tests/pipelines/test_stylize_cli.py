@@ -10,6 +10,10 @@ from PIL import Image
 from instantstyle.cli import main
 from instantstyle.pipelines import InstantStyle
 
+def sidecar_of(image):
+    return image.parent / (image.name + ".json")
+
+
 STYLE_LAYERS = {f"up_blocks.0.attentions.1.transformer_blocks.{i}.attn2.processor" for i in range(3)}
 
 
@@ -28,8 +32,8 @@ def ip_calls(monkeypatch):
     seen = set()
     original = InstantStyle._load
 
-    def load_and_hook(self):
-        report = original(self)
+    def load_and_hook(self, *args, **kwargs):
+        report = original(self, *args, **kwargs)
         for name, proc in self.pipe.unet.attn_processors.items():
             for linear in getattr(proc, "to_k_ip", []):
                 linear.register_forward_hook(lambda *_, name=name: seen.add(name))
@@ -44,7 +48,7 @@ def test_stylize_writes_png_and_sidecar_and_injects_only_the_style_block(tiny_sd
     assert main(_args(tiny_sdxl, out)) == 0
     image = Image.open(out)
     assert image.size == (32, 32)
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(sidecar_of(out).read_text())
     assert set(sidecar["targets"]) == STYLE_LAYERS
     assert sidecar["settings"]["content_prompt"] == "a cat" and sidecar["settings"]["seed"] == 7
     assert sidecar["versions"]["torch"] == torch.__version__
@@ -68,7 +72,7 @@ def test_controlnet_with_canny_edges(tiny_sdxl, tmp_path, ip_calls):
     extra = ["--controlnet", str(tiny_sdxl / "controlnet"), "--control-image", str(tiny_sdxl / "control.png"), "--canny",
              "--preset", "style+layout"]
     assert main(_args(tiny_sdxl, out, *extra)) == 0
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(sidecar_of(out).read_text())
     layout = {f"down_blocks.2.attentions.1.transformer_blocks.{i}.attn2.processor" for i in range(3)}
     assert set(sidecar["targets"]) == STYLE_LAYERS | layout
     assert ip_calls == STYLE_LAYERS | layout  # and never the ControlNet's own attention layers
@@ -78,7 +82,7 @@ def test_controlnet_with_canny_edges(tiny_sdxl, tmp_path, ip_calls):
     "change, message",
     [
         (("--ip-adapter", "missing.safetensors"), "--ip-adapter: no such file or folder"),
-        (("--style", "missing.png"), "--style: no such file or folder"),
+        (("--style", "missing.png"), "--style: no such file"),
         (("--model", "no-such-org/no-such-model"), "--model: could not load 'no-such-org/no-such-model'.*local folder"),
         (("--controlnet", "x"), "--controlnet and --control-image go together"),
     ],
@@ -130,7 +134,7 @@ def test_sd15_with_a_separate_content_text_encoder(tiny_sd15, tmp_path, ip_calls
     out = tmp_path / "sd15.png"
     extra = ["--content-prompt", "a cat", "--content-text-encoder", str(tiny_sd15 / "content_text_encoder")]
     assert main(_sd15_args(tiny_sd15, out, *extra)) == 0
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(sidecar_of(out).read_text())
     assert sidecar["targets"] and all(t.startswith("up_blocks.1.") for t in sidecar["targets"])  # SD1.5 style preset
     assert ip_calls == set(sidecar["targets"])
 

@@ -1,0 +1,126 @@
+"""Flags shared by ``stylize`` and ``stylize-batch``, and their validation.
+
+Every check here runs before any model is loaded: a wrong number costs a one-line error,
+not minutes of loading followed by a traceback (or worse, a black image and exit 0).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from .errors import UserError
+
+DTYPES = ("float16", "bfloat16", "float32")
+BACKENDS = ("auto", "triton", "torch")
+#: hub flags of the --model/--ip-adapter/--image-encoder loaders
+HUB_FLAGS = ("cache_dir",)
+
+
+def add_model_arguments(parser, ip_adapter_required_note: str = "") -> None:
+    g = parser.add_argument_group("models (local folders/files or hub ids; HF_HUB_OFFLINE=1 uses the local cache only)")
+    g.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (SDXL or SD1.5)")
+    g.add_argument("--ip-adapter", metavar="PATH_OR_ID",
+                   help="IP-Adapter checkpoint: a .bin/.safetensors file, a folder or a hub id (with --weight-name), "
+                        "e.g. h94/IP-Adapter --subfolder sdxl_models --weight-name ip-adapter_sdxl.safetensors"
+                        + ip_adapter_required_note)
+    g.add_argument("--subfolder", help="the checkpoint's subfolder in the --ip-adapter folder or hub repo")
+    g.add_argument("--weight-name", help="the checkpoint's file name in the --ip-adapter folder or hub repo")
+    g.add_argument("--image-encoder", metavar="PATH_OR_ID",
+                   help="CLIP vision model (with projection) folder or hub id; default: 'image_encoder' next to the "
+                        "IP-Adapter (diffusers' layout, e.g. h94/IP-Adapter sdxl_models/image_encoder)")
+    g.add_argument("--cache-dir", help="hub cache folder (default: HF_HUB_CACHE)")
+    g.add_argument("--content-text-encoder", metavar="DIR",
+                   help="CLIP text model with projection (and its tokenizer) in the image encoder's space, for "
+                        "--content-prompt with ViT-H adapters (SD1.5); default: the SDXL pipeline's text_encoder_2")
+
+
+def add_runtime_arguments(parser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
+    g.add_argument("--height", type=int, default=None, help="multiple of 8; default: the model's native size")
+    g.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's native size")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="attention backend of the fused processors: auto (default), triton (fused kernel, CUDA) or "
+                        "torch (PyTorch path), e.g. to compare them; the sidecar records it")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch threads (default: one less than the available cores, at most 16). On a shared "
+                        "machine, more threads than free cores makes runs erratic (0.2 s to 30 s seen on 2 cores)")
+
+
+def finite(flag: str, value, low=None, high=None, low_open=False):
+    """A finite number in [low, high] (or (low, high] with low_open)."""
+    if value is None:
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag}: expected a finite number, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise UserError(f"{flag}: expected {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise UserError(f"{flag}: expected <= {high}, got {value}")
+    return value
+
+
+def check_runtime(args) -> None:
+    finite("--steps", args.steps, 1)
+    finite("--guidance", args.guidance, 0)
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"{flag}: expected a positive multiple of 8 (the VAE downsamples by 8), got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads: expected a positive integer, got {args.threads}")
+    if args.backend == "triton" and not (args.device or "").startswith("cuda") and not _cuda():
+        raise UserError("--backend triton: the fused Triton kernel runs on CUDA GPUs; use --backend torch or auto on CPU")
+
+
+def check_start_end(args) -> None:
+    finite("--start-at", args.start_at, 0, 1)
+    finite("--end-at", args.end_at, 0, 1)
+    if args.start_at >= args.end_at:
+        raise UserError(f"--start-at/--end-at: expected start < end, got {args.start_at} >= {args.end_at}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_threads() -> int:
+    """One less than the cores this process may use (the rest of the machine keeps one), 1..16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(16, cores - 1))
+
+
+def device_and_dtype(args):
+    """``(device string, torch dtype)``; a device this torch build can't use is a user error."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device: not a device name: {device!r} (cpu, cuda, cuda:N)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this torch build sees no CUDA GPU "
+                            f"(torch {torch.__version__}, cuda {torch.version.cuda or 'none'}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available here")
+    elif parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UserError(f"--device: unsupported device type {parsed.type!r}")
+    dtype = getattr(torch, args.dtype or ("float16" if parsed.type == "cuda" else "float32"))
+    if parsed.type == "cpu":
+        torch.set_num_threads(args.threads or default_threads())
+    return device, dtype
+
+
+def hub_kwargs(args) -> dict:
+    return {k: getattr(args, k) for k in HUB_FLAGS if getattr(args, k, None)}

@@ -1,0 +1,95 @@
+"""``instantstyle`` command line: one subcommand per module that owns the work.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``,
+so this file only wires them together.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+#: (subcommand, module, one-line help)
+COMMANDS = [
+    ("bench", "instantstyle.bench.cli", "benchmark the fused op against diffusers' math"),
+    ("compile-report", "instantstyle.kernels.compile_report", "compile every kernel variant for sm_80/sm_90, no GPU needed"),
+    ("info", "instantstyle.info", "versions, devices and which attention backend would run"),
+    ("blocks", "instantstyle.blocks_cli", "list a UNet's attention modules and what is injected where"),
+    ("stylize", "instantstyle.pipelines.stylize_cli", "stylise an image with InstantStyle (style reference + prompt -> PNG)"),
+    ("stylize-batch", "instantstyle.pipelines.batch_cli", "stylise a manifest of jobs, data-parallel under accelerate/torchrun"),
+]
+
+
+def _debug_flag(parser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the full traceback of an error (default: one line)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="instantstyle",
+        description="Fused decoupled cross-attention for IP-Adapter / InstantStyle.",
+    )
+    parser.add_argument("--version", action="version", version=f"instantstyle {__version__}")
+    _debug_flag(parser, False)
+    common = argparse.ArgumentParser(add_help=False)
+    _debug_flag(common, argparse.SUPPRESS)  # also after the subcommand, without resetting a --debug before it
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:  # a real missing dependency inside the module
+                raise
+            continue  # subcommand not part of this build
+        doc = (module.__doc__ or help_text).strip()
+        cmd = sub.add_parser(name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             parents=[common])
+        module.add_arguments(cmd)
+        cmd.set_defaults(run=module.run)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"instantstyle: error: {message}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    """Run a subcommand.  Exit 2 with one line for a user mistake (as argparse does), 1 with one
+    line for anything unexpected; ``--debug`` shows the traceback instead."""
+    from instantstyle.pipelines.errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `instantstyle`: what can I do?
+        parser.print_help()
+        return 0
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        if args.debug:
+            raise
+        _error(str(exc))
+        return 2
+    except BrokenPipeError:
+        # the reader (e.g. `| head`) went away: not an error; stop writing, and keep Python's
+        # own flush at exit from complaining about the closed pipe
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        text = (str(exc).splitlines() or [""])[0]
+        _error(f"{type(exc).__name__}: {text} (run with --debug for the traceback)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
