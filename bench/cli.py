@@ -136,6 +136,23 @@ def _resolve(args):
     return device, dtypes
 
 
+def _user_error(message: str) -> int:
+    print(f"instantstyle: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _no_case_message(args, suites: List[str]) -> str:
+    """Why ``--shape`` selected nothing: a --quick-only case without --quick, or another suite's case."""
+    from .shapes import FULL_SHAPES, QUICK_SHAPES
+
+    quick_only = {s.name for s in QUICK_SHAPES} - {s.name for s in FULL_SHAPES}  # processor quick cases are a subset
+    for f in args.shape:
+        if not args.quick and any(f == n or f in n for n in quick_only):
+            return f"--shape {f}: matches only --quick cases; add --quick (see --list)"
+    return (f"--shape {', '.join(args.shape)}: matches no case of the {', '.join(suites)} suite(s) in this mode"
+            f"{'' if args.quick else ' (full sizes)'}; see --list for each suite's cases")
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -149,6 +166,10 @@ def run(args) -> int:
         _print_list(human)
         return 0
     started = time.perf_counter()
+    try:  # before minutes of timing: a run must never be lost to an unwritable dir
+        R.check_results_dir(args.results_dir)
+    except R.ResultsDirError as exc:
+        return _user_error(str(exc))
     device, dtypes = _resolve(args)
     threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
     if threads:
@@ -188,6 +209,13 @@ def run(args) -> int:
         else:
             suites.append(suite)
 
+    if args.shape:
+        planned = {s.name: s.planned(ctx) for s in suites}
+        if not any(planned.values()):
+            return _user_error(_no_case_message(args, [s.name for s in suites]))
+        for s in [s for s in suites if not planned[s.name]]:
+            ctx.note(f"{s.name} suite not run: no {s.name} case matches --shape {', '.join(args.shape)}")
+        suites = [s for s in suites if planned[s.name]]
     total = sum(s.planned(ctx) for s in suites)
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
         def tick(label: str) -> None:
@@ -208,7 +236,11 @@ def run(args) -> int:
     rows = [{**meta, **r} for r in rows]
     paths = R.results_paths(args.results_dir, meta["device_name"])
     R.append_jsonl(paths["jsonl"], rows)
-    stored = R.read_jsonl(paths["jsonl"], run_id=meta["run_id"])  # plots and tables come from the data
+    def warn(message: str) -> None:
+        print(f"instantstyle bench: warning: {message}", file=sys.stderr)
+        ctx.note(message)
+
+    stored = R.read_jsonl(paths["jsonl"], run_id=meta["run_id"], warn=warn)  # plots and tables come from the data
     png_name = None
     try:
         render_png(stored, paths["png"], title=f"{meta['device_name']}  {meta['time_utc']}  {meta['git_commit'][:12]}")

@@ -118,22 +118,57 @@ def results_paths(results_dir: os.PathLike, device_name_: str) -> Dict[str, Path
     return {"jsonl": base.with_suffix(".jsonl"), "md": base.with_suffix(".md"), "png": base.with_suffix(".png")}
 
 
+class ResultsDirError(Exception):
+    """The results dir can't take this run's files (checked before anything is timed)."""
+
+
+def check_results_dir(results_dir: os.PathLike) -> Path:
+    """Create the dir and prove it takes files *before* minutes of timing, so a run is never lost."""
+    path = Path(results_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ResultsDirError(f"--results-dir {str(path)!r}: not writable ({exc.strerror or exc})") from None
+    return path
+
+
 def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Append rows, one JSON object per line.  A file whose last line was cut off (a killed run,
+    a full disk) first gets its missing newline, so the new first row stays a line of its own."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=False) + "\n")
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write("".join(json.dumps(row, sort_keys=False, allow_nan=True) + "\n" for row in rows).encode())
 
 
-def read_jsonl(path: Path, run_id: Optional[str] = None) -> List[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+def read_jsonl(path: Path, run_id: Optional[str] = None, warn=None) -> List[dict]:
+    """Rows of a results file.  Lines that are not JSON objects (corruption, a truncated write) are
+    skipped, never fatal, and reported through ``warn(message)`` with their line numbers; the file
+    itself is left as it is (its other runs are intact)."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
-            if line:
+            if not line:
+                continue
+            try:
                 row = json.loads(line)
-                if run_id is None or row.get("run_id") == run_id:
-                    rows.append(row)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                bad.append(number)
+                continue
+            if run_id is None or row.get("run_id") == run_id:
+                rows.append(row)
+    if bad and warn is not None:
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        warn(f"{path}: skipped {len(bad)} unreadable line(s) ({shown}); the other rows are intact")
     return rows
 
 
@@ -154,12 +189,38 @@ def fmt_ratio(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+#: what each provider / case label means; printed under the tables so the output explains itself
+LABELS = {
+    "diffusers": "diffusers' math (IPAdapterAttnProcessor2_0: two SDPA calls, transposes, scale, add): the baseline",
+    "ours-triton": "instantstyle's op on the fused Triton kernel (one launch, Q read once, O written once)",
+    "ours-torch": "instantstyle's op on its PyTorch backend (SDPA on views, in-place accumulation)",
+    "xformers": "diffusers' math on xformers' memory_efficient_attention",
+    "eager": "plain reference math (matmul, softmax, matmul in the input dtype; no SDPA): an unoptimised floor",
+    "fused": "FusedIPAdapterAttnProcessor as a drop-in in every attn2, scale 0 outside the targets (diffusers' gating)",
+    "fused-targeted": "IP weights only in the target blocks, FusedAttnProcessor elsewhere (what load_ip_adapter sets up)",
+    "no-ip": "no IP-Adapter at all (text attention only): a reference for the overhead, a different workload, "
+             "never a speedup",
+}
+
+
+def is_reference(row: dict) -> bool:
+    """No-IP rows time a different workload: shown as a reference, never as a speedup."""
+    return row.get("provider") == "no-ip" or row.get("case") == "no-ip"
+
+
+def label_lines(rows: Sequence[dict]) -> List[str]:
+    seen = OrderedDict.fromkeys(x for r in rows for x in (r.get("provider"), r.get("case")) if x in LABELS)
+    return [f"{name}: {LABELS[name]}" for name in seen]
+
+
 def _cell(row: dict, key: str) -> str:
     if row.get("status") != "ok":
         return row.get("status", "?")
     ms = row.get(key)
     if ms is None:
         return row.get(f"{key}_status") or "-"
+    if is_reference(row):
+        return f"{fmt_ms(ms)} (reference)"
     ratio = row.get("speedup" if key == "ms" else "speedup_graph")
     return f"{fmt_ms(ms)} ({fmt_ratio(ratio)})" if not row.get("baseline") else f"{fmt_ms(ms)} (base)"
 
@@ -229,7 +290,7 @@ def render_text(rows: Sequence[dict], notes: Sequence[str]) -> str:
     parts = []
     for suite in OrderedDict.fromkeys(r["suite"] for r in rows):
         srows = [r for r in rows if r["suite"] == suite]
-        parts.append(f"== {suite} suite: median time (speedup = baseline time / time; >1 is faster) ==")
+        parts.append(f"== {suite} suite: median time (speedup = baseline time / time; >1 is faster; no-ip = reference) ==")
         parts.append(text_table(*pivot(srows, "ms")))
         if any(r.get("ms_graph") is not None for r in srows):
             parts.append(f"-- {suite} suite, CUDA-graph replay --")
@@ -244,6 +305,10 @@ def render_text(rows: Sequence[dict], notes: Sequence[str]) -> str:
             parts.append(text_table(["case", "provider", "ms/step", "overhead"],
                                     [[r["case"], r["provider"], fmt_ms(r["ms"]), f"{r['overhead_pct']:+.1f}%"]
                                      for r in extra]))
+    labels = label_lines(rows)
+    if labels:
+        parts.append("== labels ==")
+        parts.extend(labels)
     targets = target_lines(rows)
     if targets:
         parts.append("== targets (reported, never asserted) ==")
@@ -262,7 +327,7 @@ def render_markdown(rows: Sequence[dict], notes: Sequence[str], meta: dict, png_
     for suite in OrderedDict.fromkeys(r["suite"] for r in rows):
         srows = [r for r in rows if r["suite"] == suite]
         parts += [f"## {suite} suite", "", "Median time; in brackets the speedup over the baseline "
-                  "(baseline time / time, measured in the same run).", "", markdown_table(*pivot(srows, "ms")), ""]
+                  "(baseline time / time, measured in the same run); no-IP rows are a reference.", "", markdown_table(*pivot(srows, "ms")), ""]
         if any(r.get("ms_graph") is not None for r in srows):
             parts += ["CUDA-graph replay:", "", markdown_table(*pivot(srows, "ms_graph")), ""]
         header, body = roofline_table(srows)
@@ -275,6 +340,9 @@ def render_markdown(rows: Sequence[dict], notes: Sequence[str], meta: dict, png_
                       markdown_table(["case", "provider", "ms/step", "overhead"],
                                      [[r["case"], r["provider"], fmt_ms(r["ms"]), f"{r['overhead_pct']:+.1f}%"]
                                       for r in extra]), ""]
+    labels = label_lines(rows)
+    if labels:
+        parts += ["## Labels", ""] + [f"- {line}" for line in labels] + [""]
     targets = target_lines(rows)
     if targets:
         parts += ["## Targets (reported, never asserted)", ""] + [f"- {t}" for t in targets] + [""]

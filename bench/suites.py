@@ -127,7 +127,8 @@ def add_speedups(rows) -> None:
     base = next((r for r in rows if r["baseline"] and r["status"] == "ok"), None)
     for r in rows:
         for key, out in (("ms", "speedup"), ("ms_graph", "speedup_graph")):
-            ok = base is not None and r["status"] == "ok" and r.get(key) and base.get(key)
+            # no-ip does less work (no image tokens): a reference, not a competitor
+            ok = base is not None and r["status"] == "ok" and r.get(key) and base.get(key) and r["provider"] != "no-ip"
             r[out] = base[key] / r[key] if ok else None
 
 
