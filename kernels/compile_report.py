@@ -1,13 +1,24 @@
-"""Ahead-of-time compile every fused-kernel variant for a real GPU arch, no GPU needed.
+"""Ahead-of-time compile every fused-kernel variant for real GPU arches, no GPU needed.
 
-For each specialisation the dispatch can launch (dtype x head-dim bucket x IP key step)
-this builds a cubin with ``triton.compile`` for sm_80 (A100) or sm_90 (H100/H200) and
-reads it with ``cuobjdump``: registers, local memory (spills), shared memory and the
-number of tensor-core instructions (HMMA = mma.sync, HGMMA = Hopper wgmma).
+Each variant is compiled EXACTLY as the launcher launches it: the launcher's own
+:func:`launch_plan` builds the arguments for a representative call (meta tensors, so no
+memory), and Triton's own binder turns them into the signature, the constexprs (ints
+equal to 1 included) and the divisibility/alignment ``attrs`` that a runtime launch gets.
+For every tile configuration the dispatch can pick (:func:`tiles.all_kernel_configs`)
+two calls are compiled:
+
+* ``plain``: an SDXL-like call with no bias, IP mask or joint keys, head dim equal to the
+  tile, N a multiple of the query tile (every constexpr flag at its cheap value);
+* ``full``: text bias, joint keys with a bias, IP masks, an odd N and a padded head dim
+  (40/80/160 as SD1.5) where the bucket allows (the most registers the kernel needs).
+
+The cubin is read with ``cuobjdump``: registers, local memory (spills), shared memory
+(checked against the arch's per-block limit) and tensor-core instructions (HMMA =
+mma.sync, HGMMA = Hopper wgmma, UTC*MMA = Blackwell tcgen05 on sm_100).
 
 Examples:
   instantstyle compile-report --arch sm_90
-  instantstyle compile-report --arch sm_80 --arch sm_90 --json > report.json
+  instantstyle compile-report --arch sm_86 --arch sm_89 --json > report.json
 """
 from __future__ import annotations
 
@@ -18,13 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
-ARCHS = {"sm_80": 80, "sm_90": 90}
-#: Triton signature type per torch dtype name used by the dispatch.
-DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-_POINTERS = ("Q", "K", "V", "IPK", "IPV", "O", "JK", "JV")
-_FP32_POINTERS = ("TEXT_BIAS", "IP_SCALE", "IP_MASK", "JOINT_BIAS")
+from .tiles import ARCHS, SHARED_LIMIT, KernelConfig, all_kernel_configs
+
+#: dtypes the launcher runs (torch names).
+DTYPES = ("float16", "bfloat16", "float32")
+_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+FEATURES = ("plain", "full")
+#: Head dim of the "full" call per bucket: SD1.5's 40/80/160 pad to 64/128/256.
+_PADDED_HEAD_DIM = {16: 8, 32: 24, 64: 40, 128: 80, 256: 160}
 
 
 @dataclass
@@ -33,13 +48,20 @@ class VariantReport:
     variant: str
     arch: str
     dtype: str
+    features: str
     registers: int
     local_bytes: int  # local memory per thread: ptxas spills go to the stack frame, counted here
     shared_bytes: int
-    mma_instructions: int  # HMMA + HGMMA
-    wgmma_instructions: int  # HGMMA alone (sm_90)
+    shared_limit: int
+    mma_instructions: int  # HMMA + HGMMA (+ tcgen05 UTC*MMA on sm_100)
+    wgmma_instructions: int  # HGMMA alone (sm_90+)
     spill_instructions: int  # LDL + STL in the SASS
+    specialised_args: int  # non-constexpr args the binder marked 16-divisible/aligned
     compile_seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.local_bytes and not self.spill_instructions and self.mma_instructions > 0 and self.shared_bytes <= self.shared_limit
 
 
 def _tool(name: str) -> str:
@@ -51,48 +73,61 @@ def _tool(name: str) -> str:
     return path
 
 
-def _signature(kernel, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in _POINTERS:
-            sig[name] = f"*{dtype}"
-        elif name in _FP32_POINTERS:
-            sig[name] = "*fp32"
-        elif name == "IP_OFFSETS":
-            sig[name] = "*i32"
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        else:  # sizes and strides
-            sig[name] = "i32"
-    return sig
+def representative_call(cfg: KernelConfig, dtype_name: str, features: str):
+    """Meta-device inputs that the launcher maps to ``cfg``'s tiles, and their output buffer."""
+    import torch
+
+    from .inputs import normalize_inputs
+
+    dtype = getattr(torch, dtype_name)
+    full = features == "full"
+    D = _PADDED_HEAD_DIM[cfg.BLOCK_D] if full else cfg.BLOCK_D
+    B, N, H = 2, (4099 if full else 4096), 10
+    meta = lambda *s: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
+    if cfg.SINGLE_TILE:
+        lj = 8 if full else 0
+        lt, ip_lens = min(77, cfg.BLOCK_N - lj - 8), (4, 4) if full else (4,)
+    else:
+        lj = 40 if full else 0
+        lt, ip_lens = 77, ((4, 16) if full else (4,)) if cfg.BLOCK_N_IP <= 16 else ((257, 4) if full else (257,))
+    kwargs = dict(q=meta(B, N, H, D), k=meta(B, lt, H, D), v=meta(B, lt, H, D),
+                  ip_k=[meta(B, n, H, D) for n in ip_lens], ip_v=[meta(B, n, H, D) for n in ip_lens],
+                  ip_scale=[0.5] * len(ip_lens))
+    if full:
+        kwargs["ip_mask"] = [torch.empty(B, N, device="meta") for _ in ip_lens]
+        kwargs["text_bias"] = torch.empty(B, lt, device="meta")
+        kwargs.update(joint_k=meta(B, lj, H, D), joint_v=meta(B, lj, H, D), joint_bias=torch.empty(B, lj, device="meta"))
+    return normalize_inputs(**kwargs), meta(B, N, H, D)
 
 
-def compile_variant(cfg, dtype_name: str, arch: str) -> VariantReport:
-    """Compile one specialisation exactly as the launcher would launch it on a GPU."""
+def _compile(cfg: KernelConfig, dtype_name: str, arch: str, features: str):
+    """Compile as a runtime launch would: launch_plan -> Triton's binder -> triton.compile."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    from .triton_decoupled import _decoupled_attn_fwd, interpreting
+    from .triton_decoupled import _decoupled_attn_fwd, interpreting, launch_plan
 
     if interpreting():
         raise RuntimeError("compile-report builds real GPU code: unset TRITON_INTERPRET before importing instantstyle")
-    dtype = DTYPES[dtype_name]
-    constexprs = dict(
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        BLOCK_N_IP=cfg.BLOCK_N_IP,
-        BLOCK_D=cfg.BLOCK_D,
-        DOT_FP32=False,  # the interpreter-only bf16 workaround never reaches a GPU
-        INPUT_PRECISION="tf32" if dtype == "fp32" else "ieee",
-    )
+    inputs, out = representative_call(cfg, dtype_name, features)
+    plan = launch_plan(inputs, out, config=cfg)
+    fn = _decoupled_attn_fwd
+    target = GPUTarget("cuda", int(arch[3:]), 32)
+    backend = make_backend(target)
+    kwargs = {**plan.constexprs, **plan.options}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*plan.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return compiled, len(attrs)
+
+
+def compile_variant(cfg: KernelConfig, dtype_name: str, arch: str, features: str = "plain") -> VariantReport:
+    """Compile one specialisation exactly as the launcher would launch it, and read its cubin."""
     start = time.perf_counter()
-    src = ASTSource(fn=_decoupled_attn_fwd, signature=_signature(_decoupled_attn_fwd, dtype, constexprs), constexprs=constexprs)
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", ARCHS[arch], 32), options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    )
+    compiled, n_attrs = _compile(cfg, dtype_name, arch, features)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
@@ -102,53 +137,80 @@ def compile_variant(cfg, dtype_name: str, arch: str) -> VariantReport:
         sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     hgmma = len(re.findall(r"\bHGMMA\.", sass))
-    hmma = len(re.findall(r"\bHMMA\.", sass))
+    hmma = len(re.findall(r"\bHMMA\.", sass)) + len(re.findall(r"\bUTC\w*MMA\b", sass))  # UTC*MMA: sm_100 tcgen05
     return VariantReport(
         kernel="_decoupled_attn_fwd",
-        variant=f"{dtype}_{cfg.name}",
+        variant=f"{_SHORT[dtype_name]}_{cfg.name}",
         arch=arch,
         dtype=dtype_name,
+        features=features,
         registers=int(fields["REG"]),
         local_bytes=int(fields["LOCAL"]) + int(fields["STACK"]),
         shared_bytes=int(compiled.metadata.shared),
+        shared_limit=SHARED_LIMIT[arch],
         mma_instructions=hgmma + hmma,
         wgmma_instructions=hgmma,
         spill_instructions=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        specialised_args=n_attrs,
         compile_seconds=round(seconds, 2),
     )
 
 
-def compile_report(archs=("sm_90",), dtypes=tuple(DTYPES), progress: bool = False) -> list:
-    """Compile every launchable variant for every arch; one :class:`VariantReport` each."""
-    from .triton_decoupled import all_kernel_configs
+def _job(job):
+    return compile_variant(*job)
 
-    jobs = [(cfg, dtype, arch) for arch in archs for dtype in dtypes for cfg in all_kernel_configs(dtype, arch)]
+
+def compile_report(archs=("sm_90",), dtypes=DTYPES, features=FEATURES, jobs: int = 1, progress: bool = False) -> list:
+    """Compile every launchable variant for every arch; one :class:`VariantReport` each."""
+    todo = [(cfg, dtype, arch, feat) for arch in archs for dtype in dtypes for cfg in all_kernel_configs(dtype, arch)
+            for feat in features]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            return list(pool.map(_job, todo))
     if progress:
         from tqdm import tqdm
 
-        jobs = tqdm(jobs, desc="compiling", unit="variant", file=sys.stderr)
-    return [compile_variant(*job) for job in jobs]
+        todo = tqdm(todo, desc="compiling", unit="variant", file=sys.stderr)
+    return [_job(job) for job in todo]
+
+
+def search(candidates, dtype_name: str, arch: str):
+    """The first candidate KernelConfig that compiles clean (plain AND full), or None.
+
+    How the spill-free tables in :mod:`.tiles` were found: candidates from large to small.
+    """
+    for cfg in candidates:
+        if all(compile_variant(cfg, dtype_name, arch, feat).ok for feat in FEATURES):
+            return cfg
+    return None
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="target arch (repeatable; default sm_90)")
-    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only these dtypes (repeatable; default all)")
+    parser.add_argument("--arch", action="append", choices=ARCHS, help="target arch (repeatable; default sm_80, sm_86, sm_89, sm_90)")
+    parser.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes (repeatable; default all)")
+    parser.add_argument("--features", action="append", choices=FEATURES, help="only these calls (repeatable; default both)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel compiles (default 1)")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per variant")
 
 
 def run(args) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's default-change warning
-    reports = compile_report(tuple(args.arch or ["sm_90"]), tuple(args.dtype or DTYPES), progress=True)
+    if args.jobs < 1:
+        print(f"--jobs: expected an integer >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    archs = tuple(args.arch or ("sm_80", "sm_86", "sm_89", "sm_90"))
+    reports = compile_report(archs, tuple(args.dtype or DTYPES), tuple(args.features or FEATURES), args.jobs, progress=True)
     if args.json:
         print(json.dumps([asdict(r) for r in reports], indent=1))
     else:
-        header = f"{'arch':6} {'variant':36} {'regs':>4} {'local':>5} {'smem':>6} {'mma':>4} {'wgmma':>5}"
+        header = f"{'arch':6} {'variant':34} {'call':5} {'regs':>4} {'local':>5} {'smem':>6} {'limit':>6} {'mma':>4} {'wgmma':>5} {'attrs':>5}"
         print(header)
         print("-" * len(header))
         for r in reports:
-            print(f"{r.arch:6} {r.variant:36} {r.registers:4d} {r.local_bytes:5d} {r.shared_bytes:6d} {r.mma_instructions:4d} {r.wgmma_instructions:5d}")
-    bad = [r.variant + "@" + r.arch for r in reports if r.local_bytes or not r.mma_instructions]
+            print(f"{r.arch:6} {r.variant:34} {r.features:5} {r.registers:4d} {r.local_bytes:5d} {r.shared_bytes:6d} "
+                  f"{r.shared_limit:6d} {r.mma_instructions:4d} {r.wgmma_instructions:5d} {r.specialised_args:5d}")
+    bad = [f"{r.variant}@{r.arch}/{r.features}" for r in reports if not r.ok]
     if bad:
-        print(f"spills or no tensor cores in: {', '.join(bad)}", file=sys.stderr)
+        print(f"spills, shared memory over the limit, or no tensor cores in: {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0
