@@ -5,22 +5,24 @@ The repository keeps the architecture visible at the top level (``kernels/``,
 ``instantstyle``: a top-level ``kernels`` module would collide with the PyPI
 package of that name.  ``package_dir`` maps each folder into the namespace:
 
-    api/         -> instantstyle             (public re-exports and the CLI)
-    kernels/     -> instantstyle.kernels     (Triton kernels, reference, dispatch)
-    processors/  -> instantstyle.processors  (diffusers integration, registry)
-    bench/       -> instantstyle.bench       (measurement)
-    pipelines/   -> instantstyle.pipelines   (InstantStyle end to end: embeddings, pipeline, CLI)
+    src/instantstyle/ -> instantstyle             (public re-exports and the CLI)
+    kernels/          -> instantstyle.kernels     (Triton kernels, reference, dispatch)
+    processors/       -> instantstyle.processors  (diffusers integration, registry; methods/)
+    loaders/          -> instantstyle.loaders     (checkpoints -> processors, targets only)
+    pipelines/        -> instantstyle.pipelines   (InstantStyle end to end)
+    bench/            -> instantstyle.bench       (measurement)
 
-The root package lives in ``api/`` rather than ``instantstyle/`` on purpose: a
+The root package lives in ``src/instantstyle/``, not ``instantstyle/`` at the top: a
 folder named ``instantstyle`` in the working directory would shadow the installed
 package and hide its subpackages whenever Python runs from the repo root.
 """
 from setuptools import find_packages, setup
 
 PACKAGE_DIRS = {
-    "instantstyle": "api",
+    "instantstyle": "src/instantstyle",
     "instantstyle.kernels": "kernels",
     "instantstyle.processors": "processors",
+    "instantstyle.loaders": "loaders",
     "instantstyle.bench": "bench",
     "instantstyle.pipelines": "pipelines",
 }

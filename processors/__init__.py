@@ -2,8 +2,7 @@
 
 - :class:`FusedIPAdapterAttnProcessor` / :class:`FusedAttnProcessor`: drop-in processors
   that run decoupled cross-attention as one fused op (``fused_processor``).
-- :func:`use_fused_processors`: swap a loaded model's processors for them (``accelerate``).
-- :func:`load_ip_adapter`: load IP-Adapters into their target layers only (``loader``).
+- :func:`use_fused_processors`: swap a loaded model's processors for them (``conversion``).
 - :class:`InjectionRegistry` / :func:`registry_of`: targets (presets, patterns,
   ``set_ip_adapter_scale`` dicts) and what is injected where (``registry``).
 - :class:`StepGate`: active range over the denoising schedule (``gating``).
@@ -20,10 +19,7 @@ _EXPORTS = {
     "FusedIPAdapterAttnProcessor": ".fused_processor",
     "FusedAttnProcessor": ".fused_processor",
     "fallback_reasons": ".fused_processor",
-    "use_fused_processors": ".accelerate",
-    "load_ip_adapter": ".loader",
-    "LoadReport": ".loader",
-    "ip_param_counts": ".loader",
+    "use_fused_processors": ".conversion",
     "InjectionRegistry": ".registry",
     "registry_of": ".registry",
     "pattern_matches": ".registry",
@@ -37,10 +33,12 @@ _EXPORTS = {
     "attention_sites": ".sites",
     "ip_sites": ".sites",
     "ip_key_ids": ".sites",
+    "Contributor": ".contributors",
     "EditingMethod": ".methods",
     "AttentionCall": ".methods",
     "apply_method": ".methods",
     "remove_method": ".methods",
+    "reset_steps": ".methods",
     "applied_methods": ".methods",
     "StyleAligned": ".methods",
     "VisualStylePrompting": ".methods",

@@ -5,8 +5,8 @@ take them: 0 is the first (noisiest) step, 1 the last.  For a discrete-time mode
 ``T`` training steps, progress ``p`` maps to timestep ``(1 - p) * (T - 1)``, so the
 gate is open for ``(1 - end_at) * (T - 1) <= t <= (1 - start_at) * (T - 1)``.
 
-The gate is a *tensor* that a forward pre-hook on the UNet rewrites in place from the
-``timestep`` argument, and processors multiply their scales by it.  Nothing branches
+The gate is a *tensor* that the model's one forward pre-hook (``model_state``) rewrites
+in place from the ``timestep`` argument, and the pipeline multiplies scales by it.  Nothing branches
 on its value in Python, so a ``torch.compile``d UNet never recompiles when the gate
 flips, and a CUDA graph that captured the read sees the new value (same storage).
 """
@@ -49,19 +49,3 @@ class StepGate:
 
     def __repr__(self) -> str:
         return f"StepGate(start_at={self.start_at}, end_at={self.end_at})"
-
-
-def _gate_hook(module, args, kwargs):
-    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    if timestep is not None:
-        for gate in module._instantstyle_gates:
-            gate.update(timestep)
-
-
-def attach_gates(unet, gates) -> None:
-    """Have ``unet``'s forward update ``gates`` from its timestep (one hook per UNet)."""
-    existing = getattr(unet, "_instantstyle_gates", None)
-    if existing is None:
-        unet._instantstyle_gates = []
-        unet._instantstyle_gate_hook = unet.register_forward_pre_hook(_gate_hook, with_kwargs=True)
-    unet._instantstyle_gates = [g for g in gates if g is not None and not g.always_open]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .architectures import detect_arch, preset_family
+from .model_state import attached_at, reconcile, runs_pipeline
 from .presets import presets_for
 from .sites import AttentionSite, attention_sites
 from .validation import describe
@@ -90,7 +91,7 @@ class InjectionRegistry:
         self.unet = unet
         self.sites = attention_sites(unet)
         self.arch = arch or detect_arch(unet.config)
-        self.injections: Dict[str, Injection] = {}
+        self.labels: Dict[str, dict] = {}  # descriptive info per injection name (target, source)
 
     # -- resolution -------------------------------------------------------------------
     def candidates(self, kind: str) -> List[AttentionSite]:
@@ -162,22 +163,33 @@ class InjectionRegistry:
             raise self._no_match(f"{target!r} (every weight is 0 or outside {kind}-attention)", kind)
         return weights
 
-    # -- records ----------------------------------------------------------------------
-    def inject(self, method: str, target, kind: str = "cross", **info) -> Injection:
-        injection = Injection(method, kind, self.resolve(target, kind), dict(info, target=target))
-        self.injections[method] = injection
-        return injection
+    # -- records: read from the layers, never stored beside them ----------------------------
+    @property
+    def injections(self) -> Dict[str, Injection]:
+        """What is injected where, read from the layers: each IP-Adapter held by fused
+        processors (``ip_adapter[<i>]``, weight = the layer's scale) and each attached
+        contributor (``method:<name>``, weight = its target weight there)."""
+        reconcile(self.unet)
+        found: Dict[str, Injection] = {}
+        for s in self.sites:
+            proc = getattr(s.module, "processor", None)
+            if s.module is None or not runs_pipeline(proc):
+                continue
+            for a in getattr(proc, "adapter_ids", ()):
+                name = f"ip_adapter[{a}]"
+                found.setdefault(name, Injection(name, "cross", {}, dict(self.labels.get(name, {})))).weights[s.name] = proc.scale[a]
+            for entry in attached_at(s.module):
+                c = entry.contributor
+                name = f"method:{c.name}"
+                info = {"target": getattr(c, "target", None), "kinds": c.kinds}
+                found.setdefault(name, Injection(name, getattr(c, "kind", "any"), {}, info)).weights[s.name] = entry.weight
+        return found
 
-    def remove(self, prefix: str) -> None:
-        """Forget every injection whose method name starts with ``prefix``."""
-        for name in [m for m in self.injections if m.startswith(prefix)]:
-            del self.injections[name]
-
-    def injected_at(self, site_name: str) -> List[str]:
-        return [m for m, inj in self.injections.items() if site_name in inj.weights]
-
-    def table(self) -> List[dict]:
-        """One row per site: name, kind, heads, head_dim, queries, injected."""
+    def table(self, planned: Optional[Dict[str, dict]] = None) -> List[dict]:
+        """One row per site: name, kind, heads, head_dim, queries, injected.  ``planned``
+        (``{name: {site: weight}}``, e.g. a resolved target) is shown as injected too,
+        which lets ``instantstyle blocks`` describe a model nothing was loaded into."""
+        records = {**{n: i.weights for n, i in self.injections.items()}, **(planned or {})}
         rows = []
         for s in self.sites:
             rows.append(
@@ -188,7 +200,7 @@ class InjectionRegistry:
                     "head_dim": s.head_dim,
                     "queries": _default_queries(self.unet.config, s.path),
                     "motion": s.motion,
-                    "injected": self.injected_at(s.name),
+                    "injected": [m for m, weights in records.items() if s.name in weights],
                 }
             )
         return rows

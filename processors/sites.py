@@ -61,12 +61,13 @@ def unet_of(model_or_pipeline):
     return unet
 
 
-def _attention_modules(unet) -> dict:
-    return {name + ".processor": m for name, m in unet.named_modules() if hasattr(m, "set_processor") and hasattr(m, "heads")}
+def attention_modules(model) -> dict:
+    """``{attn_processors key: Attention module}``."""
+    return {name + ".processor": m for name, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "heads")}
 
 
 def attention_sites(unet) -> List[AttentionSite]:
-    modules = _attention_modules(unet)
+    modules = attention_modules(unet)
     sites = []
     for name in unet.attn_processors:
         if name.startswith(_FOREIGN_PREFIXES):

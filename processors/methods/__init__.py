@@ -1,14 +1,15 @@
 """Attention-editing methods on the injection registry and the fused op.
 
-- :class:`EditingMethod` / :class:`AttentionCall`: the extension interface (``base``).
+- :class:`EditingMethod` / :class:`AttentionCall`: the extension interface (``base``,
+  on the contributor protocol of ``processors.contributors``).
 - :func:`apply_method` / :func:`remove_method`: attach and detach; several methods
-  compose into one fused op call per layer (``compose``).
+  compose into one fused op call per layer (``attach``).
 - :class:`StyleAligned`, :class:`VisualStylePrompting`, :class:`AttentionMapCapture`
   (+ :func:`save_heatmaps`): the shipped methods.
 """
+from .attach import applied_methods, apply_method, remove_method, reset_steps
 from .attention_maps import AttentionMapCapture, save_heatmaps
 from .base import AttentionCall, EditingMethod, reference_rows
-from .compose import applied_methods, apply_method, remove_method, reset_steps
 from .style_aligned import StyleAligned, adain
 from .visual_style_prompting import VisualStylePrompting
 

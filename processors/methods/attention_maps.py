@@ -5,6 +5,10 @@ Capturing needs the materialised probabilities, so a layer takes the unfused pat
 at the steps where the capture is active; every other call stays fused.  Maps are
 averaged over heads and stored on the CPU as ``(B, tokens, h, w)`` float32.  Eager
 mode only (it reads the step in Python).
+
+Maps are scoped to one run: a new pipeline call (detected from the timestep rising
+again, or after ``reset_steps``) starts from step 0 with no maps, so ``steps=[1]`` on a
+second prompt gives that prompt's maps and ``steps=None`` does not grow across calls.
 """
 from __future__ import annotations
 
@@ -44,6 +48,10 @@ class AttentionMapCapture(EditingMethod):
                 raise TypeError(f"steps: expected None or an iterable of step indices, got {describe(steps)}") from None
         self.steps = steps
         self.maps: Dict[Tuple[int, str], torch.Tensor] = {}
+
+    def on_step(self, step: int, timestep) -> None:
+        if step == 0:  # a new run
+            self.maps.clear()
 
     def observing(self, call: AttentionCall) -> bool:
         return self.steps is None or call.step in self.steps

@@ -110,7 +110,7 @@ class StyleAligned(EditingMethod):
         return [s for s, skip in zip(sites, unshared) if not skip]
 
     def _rows(self, call: AttentionCall):
-        return reference_rows(call.batch, self.halves, "StyleAligned batch").to(call.q.device)
+        return reference_rows(call.batch, self.halves, "StyleAligned batch", call.q.device)
 
     def transform_qk(self, call):
         rows = self._rows(call)

@@ -37,5 +37,5 @@ class VisualStylePrompting(EditingMethod):
         self.halves = 2 if cfg else 1
 
     def replace_kv(self, call):
-        rows = reference_rows(call.batch, self.halves, "VisualStylePrompting batch").to(call.k.device)
+        rows = reference_rows(call.batch, self.halves, "VisualStylePrompting batch", call.k.device)
         return call.k[rows], call.v[rows]

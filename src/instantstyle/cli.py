@@ -14,6 +14,7 @@ import sys
 COMMANDS = [
     ("bench", "instantstyle.bench.cli", "benchmark the fused op against diffusers' math"),
     ("compile-report", "instantstyle.kernels.compile_report", "compile every kernel variant for sm_80/sm_90, no GPU needed"),
+    ("tune", "instantstyle.kernels.tune", "measure kernel tiles on this GPU and write the table the launcher reads"),
     ("info", "instantstyle.info", "versions, devices and which attention backend would run"),
     ("blocks", "instantstyle.blocks_cli", "list a UNet's attention modules and what is injected where"),
     ("stylize", "instantstyle.pipelines.stylize_cli", "stylise an image with InstantStyle (style reference + prompt -> PNG)"),

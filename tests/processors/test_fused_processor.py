@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IP
 
 from instantstyle.kernels import check_close
 from instantstyle.processors import FusedAttnProcessor, FusedIPAdapterAttnProcessor
-from instantstyle.processors.accelerate import fuse_ip_processor
+from instantstyle.processors.conversion import fuse_ip_processor
 
 DIM, CROSS, HEADS = 32, 24, 4
 

@@ -10,7 +10,8 @@ from ip_fixtures import image_embeds, random_checkpoint, tiny_unet, unet_inputs
 from test_fused_processor import inputs, make_attn, make_pair
 
 from instantstyle.kernels import check_close
-from instantstyle.processors import FusedIPAdapterAttnProcessor, StepGate, load_ip_adapter
+from instantstyle.loaders import load_ip_adapter
+from instantstyle.processors import FusedIPAdapterAttnProcessor, StepGate
 
 
 def _counting_backend(graphs):
@@ -131,7 +132,7 @@ def test_pipeline_with_controlnet_only_touches_the_unet():
     before = {n: type(p) for n, p in controlnet.attn_processors.items()}
     load_ip_adapter(pipe, random_checkpoint(unet, seed=5), target="style")
     assert {n: type(p) for n, p in controlnet.attn_processors.items()} == before
-    assert sum(isinstance(p, FusedIPAdapterAttnProcessor) for p in pipe.unet.attn_processors.values()) == 3
+    assert sum(isinstance(p, FusedIPAdapterAttnProcessor) and len(p.to_k_ip) > 0 for p in pipe.unet.attn_processors.values()) == 3
 
 
 def test_compiled_unet_one_graph_across_gate_flips_and_scale_changes():

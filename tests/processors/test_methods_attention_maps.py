@@ -10,7 +10,7 @@ import torch
 from ip_fixtures import tiny_unet
 from method_cases import RefCrossCapture, run, with_processors
 
-import instantstyle.processors.methods.compose as compose
+import instantstyle.processors.pipeline as compose
 from instantstyle.kernels import check_close
 from instantstyle.processors import AttentionMapCapture, apply_method, save_heatmaps
 from instantstyle.processors.methods import reset_steps

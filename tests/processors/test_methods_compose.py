@@ -19,16 +19,15 @@ from method_cases import (
 )
 from test_unet_parity import diffusers_loaded
 
-import instantstyle.processors.fused_processor as fused_processor
-import instantstyle.processors.methods.compose as compose
+import instantstyle.processors.pipeline as compose
 from instantstyle.kernels import check_close
+from instantstyle.loaders import load_ip_adapter
 from instantstyle.processors import (
     AttentionMapCapture,
     EditingMethod,
     StyleAligned,
     VisualStylePrompting,
     apply_method,
-    load_ip_adapter,
     registry_of,
     remove_method,
 )
@@ -76,7 +75,7 @@ def _embeds(batch=4):
 def _op_calls(monkeypatch):
     """Every decoupled_attention call of one forward: (module, ip streams, joint keys?)."""
     calls = []
-    for module in (compose, fused_processor):
+    for module in (compose,):
         real = module.decoupled_attention
 
         def counting(*args, _real=real, _where=module.__name__.rsplit(".", 1)[-1], **kwargs):
@@ -101,7 +100,7 @@ def test_ip_adapter_plus_style_aligned_equals_both_by_hand(monkeypatch):
     # one op call per attention layer: self layers carry the joint keys, IP layers their stream
     sites = registry_of(ours).sites
     assert len(calls) == len(sites)
-    assert sum(1 for where, ip, joint in calls if joint and where == "compose") == len([s for s in sites if s.kind == "self"])
+    assert sum(1 for where, ip, joint in calls if joint) == len([s for s in sites if s.kind == "self"])
     assert sum(1 for _, ip, _ in calls if ip == 1) == 3  # the 3 layers of SDXL's style block
     # and IP-Adapter alone is really in there
     without_ip, _ = with_processors(unet, RefStyleAligned)
@@ -128,9 +127,9 @@ def test_ip_streams_and_joint_keys_meet_in_one_call_at_the_same_layer(monkeypatc
     calls = _op_calls(monkeypatch)
     check_close(run(ours, **_embeds()), expected, "fp32")
     if capture:  # probabilities over [text keys; shared prompt keys], no op call at those layers
-        assert not [c for c in calls if c[0] == "compose"] and len(maps.maps) == len(style_layers)
+        assert not [c for c in calls if c[2]] and len(maps.maps) == len(style_layers)
         return
-    assert sorted(c for c in calls if c[0] == "compose") == [("compose", 1, True)] * len(style_layers)
+    assert sorted(c for c in calls if c[2]) == [("pipeline", 1, True)] * len(style_layers)
 
 
 def test_extension_interface_streams_and_kinds():

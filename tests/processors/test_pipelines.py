@@ -12,7 +12,8 @@ import torch
 from ip_fixtures import CLIP, CROSS, random_checkpoint, tiny_unet
 
 from instantstyle.kernels import check_close
-from instantstyle.processors import FusedIPAdapterAttnProcessor, load_ip_adapter
+from instantstyle.loaders import load_ip_adapter
+from instantstyle.processors import FusedIPAdapterAttnProcessor
 
 
 def tiny_components(tmp_path):
@@ -54,7 +55,7 @@ def test_pipeline_matches_diffusers(tmp_path, kind):
     ref.set_ip_adapter_scale({"down": {"block_2": 0.75}, "mid": 0.75})
     ours = cls(**dict(components, unet=copy.deepcopy(components["unet"])))
     load_ip_adapter(ours, str(tmp_path / "ip.bin"), target="layout", scale=0.75)
-    assert sum(isinstance(p, FusedIPAdapterAttnProcessor) for p in ours.unet.attn_processors.values()) == 3
+    assert sum(isinstance(p, FusedIPAdapterAttnProcessor) and len(p.to_k_ip) > 0 for p in ours.unet.attn_processors.values()) == 3
 
     g = torch.Generator().manual_seed(1)
     embeds = torch.randn(2, 1, CLIP, generator=g)

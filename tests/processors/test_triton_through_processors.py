@@ -9,7 +9,7 @@ import torch
 
 import instantstyle.kernels.op as op
 from instantstyle.kernels import check_close, use_backend
-from instantstyle.processors import load_ip_adapter
+from instantstyle.loaders import load_ip_adapter
 
 from ip_fixtures import image_embeds, random_checkpoint, tiny_unet
 from test_fused_processor import inputs, make_attn, make_pair, run_both

@@ -12,11 +12,11 @@ from diffusers.loaders import IPAdapterMixin
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
 from instantstyle.kernels import check_close
+from instantstyle.loaders import load_ip_adapter
 from instantstyle.processors import (
     FusedAttnProcessor,
     FusedIPAdapterAttnProcessor,
     fallback_reasons,
-    load_ip_adapter,
     use_fused_processors,
 )
 
@@ -100,7 +100,7 @@ def test_two_adapters_layout_from_a_style_from_b():
     assert [r.num_tokens for r in report.adapters] == [4, 16]
     embeds = [image_embeds(2, 1, seed=7), image_embeds(2, 1, seed=8, tokens=5)]
     check_close(forward(ours, embeds), forward(ref, embeds), "fp32")
-    held = {n: p.adapter_ids for n, p in ours.attn_processors.items() if isinstance(p, FusedIPAdapterAttnProcessor)}
+    held = {n: p.adapter_ids for n, p in ours.attn_processors.items() if isinstance(p, FusedIPAdapterAttnProcessor) and p.adapter_ids}
     assert sorted(set(map(tuple, held.values()))) == [(0,), (1,)]
     assert all(n.startswith("down_blocks.2.attentions.1.") for n, ids in held.items() if ids == [0])
     assert all(n.startswith("up_blocks.0.attentions.1.") for n, ids in held.items() if ids == [1])

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 # ``import instantstyle`` and the kernels alone should not pay for.
 _LAZY = {
     "use_fused_processors": "instantstyle.processors",
-    "load_ip_adapter": "instantstyle.processors",
+    "load_ip_adapter": "instantstyle.loaders",
     "FusedIPAdapterAttnProcessor": "instantstyle.processors",
     "registry_of": "instantstyle.processors",
     "apply_method": "instantstyle.processors",

@@ -1,10 +1,11 @@
-"""What every fused processor does around the op: diffusers' ``Attention`` plumbing.
+"""The family-specific ends of the per-layer pipeline, for diffusers' ``Attention``:
+``parse`` turns a processor call into :class:`LayerInputs`, ``project`` turns the
+attention output back into the processor's return value.
 
-Split out so the processors themselves only decide *which* K/V streams go into the one
-``decoupled_attention`` call.  The steps and their order are those of diffusers'
-``AttnProcessor2_0`` / ``IPAdapterAttnProcessor2_0`` (spatial norm, 4-D -> tokens,
-group norm, projections, norm_cross; then out-projection, residual, rescale), so the
-fused processors stay drop-in for every ``Attention`` configuration diffusers builds.
+The steps and their order are those of diffusers' ``AttnProcessor2_0`` /
+``IPAdapterAttnProcessor2_0`` (spatial norm, 4-D -> tokens, group norm, projections,
+norm_cross, ``norm_q``/``norm_k``; then out-projection, residual, rescale), so the fused
+processors honour every option diffusers' own processors honour.
 """
 from __future__ import annotations
 
@@ -15,18 +16,19 @@ import torch
 
 
 @dataclass
-class Projected:
-    """Queries, text keys/values and everything needed to undo the input reshaping."""
+class LayerInputs:
+    """One layer call in the op's ``(B, L, H, D)`` layout, and what ``project`` needs."""
 
     q: torch.Tensor  # (B, N, H, D), a view of to_q's output
-    k: torch.Tensor  # (B, Lt, H, D)
+    k: torch.Tensor  # (B, Lt, H, D): text keys in cross-attention, own tokens in self-attention
     v: torch.Tensor
-    text_bias: Optional[torch.Tensor]  # (B, Lt) key-padding bias the op takes, or None
-    full_mask: Optional[torch.Tensor]  # (B, H, N or 1, Lt) when the mask is not a key-padding bias
+    text_bias: Optional[torch.Tensor]  # (B, Lt) key-padding mask the op takes, or None
+    full_mask: Optional[torch.Tensor]  # (B, H|1, N|1, Lt) when the mask is not a key-padding one
     fallback_reason: Optional[str]  # why the fused op can't take these inputs (None: it can)
     ip_states: List[torch.Tensor]  # one tensor per IP-Adapter, as diffusers passes them
     residual: torch.Tensor
     input_shape: tuple  # hidden_states' shape before flattening (4-D inputs)
+    ip_adapter_masks: object = None  # the call's ``ip_adapter_masks`` argument, untouched
 
 
 def split_encoder_states(encoder_hidden_states, num_ip_tokens: Optional[int] = None):
@@ -60,7 +62,7 @@ def _key_padding_bias(attention_mask: torch.Tensor, batch: int, lt: int) -> Opti
     return None
 
 
-def project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, num_ip_tokens=None) -> Projected:
+def parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, num_ip_tokens=None, ip_adapter_masks=None) -> LayerInputs:
     residual = hidden_states
     text_states, ip_states = split_encoder_states(encoder_hidden_states, num_ip_tokens)
     if attn.spatial_norm is not None:
@@ -81,7 +83,15 @@ def project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, nu
     key, value = attn.to_k(text_states), attn.to_v(text_states)
     heads = attn.heads
     head_dim = key.shape[-1] // heads
-    lt = key.shape[1]
+    q = query.view(batch, -1, heads, head_dim)
+    k = key.view(batch, -1, heads, head_dim)
+    # qk-norm (DiT-style attention): per head over head_dim, as diffusers applies it on
+    # the (B, H, L, D) view; on our (B, L, H, D) view the normalised axis is the same.
+    if getattr(attn, "norm_q", None) is not None:
+        q = attn.norm_q(q)
+    if getattr(attn, "norm_k", None) is not None:
+        k = attn.norm_k(k)
+    lt = k.shape[1]
 
     text_bias = full_mask = reason = None
     if attention_mask is not None:
@@ -92,10 +102,10 @@ def project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, nu
                 f"(the fused op takes a (B, Lt) = ({batch}, {lt}) key-padding mask)"
             )
             full_mask = attn.prepare_attention_mask(attention_mask, lt, batch)
-            full_mask = full_mask.view(batch, heads, -1, full_mask.shape[-1])
-    return Projected(
-        q=query.view(batch, -1, heads, head_dim),
-        k=key.view(batch, -1, heads, head_dim),
+            full_mask = full_mask.view(batch, -1, full_mask.shape[-2], full_mask.shape[-1])
+    return LayerInputs(
+        q=q,
+        k=k,
         v=value.view(batch, -1, heads, head_dim),
         text_bias=text_bias,
         full_mask=full_mask,
@@ -103,17 +113,18 @@ def project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, nu
         ip_states=ip_states,
         residual=residual,
         input_shape=input_shape,
+        ip_adapter_masks=ip_adapter_masks,
     )
 
 
-def finish(attn, out: torch.Tensor, p: Projected) -> torch.Tensor:
+def project(attn, out: torch.Tensor, layer: LayerInputs) -> torch.Tensor:
     """``(B, N, H, D)`` attention output -> the processor's return value."""
     batch = out.shape[0]
-    hidden_states = out.reshape(batch, out.shape[1], -1).to(p.q.dtype)
+    hidden_states = out.reshape(batch, out.shape[1], -1).to(layer.q.dtype)
     hidden_states = attn.to_out[0](hidden_states)
     hidden_states = attn.to_out[1](hidden_states)  # dropout
-    if len(p.input_shape) == 4:
-        hidden_states = hidden_states.transpose(-1, -2).reshape(p.input_shape)
+    if len(layer.input_shape) == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(layer.input_shape)
     if attn.residual_connection:
-        hidden_states = hidden_states + p.residual
+        hidden_states = hidden_states + layer.residual
     return hidden_states / attn.rescale_output_factor

@@ -1,4 +1,5 @@
-"""``use_fused_processors``: swap an already-loaded model's processors for the fused ones."""
+"""diffusers' processors -> ours: ``use_fused_processors`` for a whole model, and
+``fused_equivalent`` for one layer (what editing methods need where they attach)."""
 from __future__ import annotations
 
 from diffusers.models.attention_processor import (
@@ -9,11 +10,13 @@ from diffusers.models.attention_processor import (
     IPAdapterXFormersAttnProcessor,
 )
 
+from . import diffusers_compat
 from .fused_processor import FusedAttnProcessor, FusedIPAdapterAttnProcessor
+from .model_state import runs_pipeline
 from .sites import ip_sites, unet_of
 
-_IP_CLASSES = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
-_PLAIN_CLASSES = (AttnProcessor, AttnProcessor2_0)
+IP_CLASSES = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
+PLAIN_CLASSES = (AttnProcessor, AttnProcessor2_0)
 
 
 def fuse_ip_processor(proc) -> FusedIPAdapterAttnProcessor:
@@ -26,6 +29,21 @@ def fuse_ip_processor(proc) -> FusedIPAdapterAttnProcessor:
     return fused
 
 
+def fused_equivalent(site: str, proc):
+    """The fused processor that runs what is attached at ``site``: ``proc`` itself when it
+    is ours, else a fused copy of a diffusers IP or plain processor."""
+    if runs_pipeline(proc):
+        return proc
+    if isinstance(proc, IP_CLASSES):
+        return fuse_ip_processor(proc)
+    if type(proc) in PLAIN_CLASSES:
+        return FusedAttnProcessor()
+    raise TypeError(
+        f"target: layer {site} runs a {type(proc).__name__}; instantstyle needs diffusers' "
+        "AttnProcessor(2_0), an IP-Adapter processor or an instantstyle fused processor there"
+    )
+
+
 def use_fused_processors(model_or_pipeline) -> dict:
     """Swap every IP-Adapter processor, and the plain processor of every cross-attention
     layer, of a diffusers UNet or pipeline for the fused ones.
@@ -35,19 +53,15 @@ def use_fused_processors(model_or_pipeline) -> dict:
     ``{name: replaced processor}``.
     """
     unet = unet_of(model_or_pipeline)
+    diffusers_compat.register_processor_classes()
     current = unet.attn_processors
     replaced = {}
     new = dict(current)
     for site in ip_sites(unet):
         proc = current[site.name]
-        if isinstance(proc, (FusedIPAdapterAttnProcessor, FusedAttnProcessor)):
+        if runs_pipeline(proc) or not (isinstance(proc, IP_CLASSES) or type(proc) in PLAIN_CLASSES):
             continue
-        if isinstance(proc, _IP_CLASSES):
-            new[site.name] = fuse_ip_processor(proc)
-        elif type(proc) in _PLAIN_CLASSES:
-            new[site.name] = FusedAttnProcessor()
-        else:
-            continue
+        new[site.name] = fused_equivalent(site.name, proc)
         replaced[site.name] = proc
     if replaced:
         unet.set_attn_processor(new)

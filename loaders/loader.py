@@ -20,11 +20,13 @@ from typing import Dict, List, Optional
 import torch
 
 from .checkpoints import layer_ids, layer_weights, num_image_tokens, read_checkpoint
-from .fused_processor import FusedAttnProcessor, FusedIPAdapterAttnProcessor
-from .gating import StepGate, attach_gates
-from .registry import Injection, registry_of
-from .sites import ip_key_ids, ip_sites, unet_of
-from .validation import require_scale
+from ..processors import diffusers_compat
+from ..processors.fused_processor import FusedIPAdapterAttnProcessor
+from ..processors.gating import StepGate
+from ..processors.model_state import ensure_step_hook
+from ..processors.registry import registry_of
+from ..processors.sites import ip_key_ids, ip_sites, unet_of
+from ..processors.validation import require_scale
 
 
 @dataclass
@@ -109,17 +111,25 @@ def load_ip_adapter(
     target="all",
     scale=1.0,
     *,
+    subfolder=None,
+    weight_name=None,
+    image_encoder_folder: Optional[str] = "image_encoder",
     start_at=0.0,
     end_at=1.0,
     arch: Optional[str] = None,
+    **hub_kwargs,
 ) -> LoadReport:
     """Load one or several IP-Adapters, each into its own target layers only.
 
     Args:
         model_or_pipeline: a diffusers UNet or a pipeline with ``.unet``.
-        checkpoint: a path to a ``.bin``/``.safetensors`` file in the original IP-Adapter
-            layout or such a state dict; or a list of them (one IP-Adapter each, in the
-            order the pipeline's ``ip_adapter_image(_embeds)`` lists them).
+        checkpoint: a hub id (``"h94/IP-Adapter"``), a local folder, a path to a
+            ``.bin``/``.safetensors`` file in the original IP-Adapter layout or such a state
+            dict; or a list of them (one IP-Adapter each, in the order the pipeline's
+            ``ip_adapter_image(_embeds)`` lists them).  diffusers' list rules apply.
+        subfolder, weight_name: as in diffusers' ``load_ip_adapter``: the file inside a hub
+            repo or folder, e.g. ``subfolder="sdxl_models",
+            weight_name="ip-adapter_sdxl.safetensors"``; one value or one per checkpoint.
         target: where to inject, see :mod:`instantstyle.processors.registry` (preset,
             patterns, or a ``set_ip_adapter_scale`` dict).  With several checkpoints, a
             list gives one target per checkpoint (so patterns go in a nested list:
@@ -130,12 +140,23 @@ def load_ip_adapter(
         start_at, end_at: active range over the denoising schedule, per adapter or one for
             all (``gating``).
         arch: override architecture detection ("sdxl", "sd15", "sd2").
+        image_encoder_folder: as diffusers: a pipeline without an image encoder gets
+            ``CLIPVisionModelWithProjection`` from this folder (under ``subfolder``; a path
+            with ``/`` is relative to the repo root) and a ``CLIPImageProcessor`` as
+            ``feature_extractor``; ``None`` skips it.  Next to a checkpoint file it is used
+            when present; a state dict carries none.
+        **hub_kwargs: ``cache_dir``, ``force_download``, ``proxies``, ``local_files_only``,
+            ``token``, ``revision`` (``HF_HUB_OFFLINE=1`` reads the local cache only).
 
-    Like diffusers, a new call replaces previously loaded adapters.  The image encoder is
-    not loaded: give the pipeline one, or pass ``ip_adapter_image_embeds``.
+    Like diffusers, a new call replaces previously loaded adapters.  Without an image
+    encoder, pass ``ip_adapter_image_embeds``.
     """
+    from .hub import attach_image_encoder, resolve_checkpoints
+
     unet = unet_of(model_or_pipeline)
-    checkpoints = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+    checkpoints = resolve_checkpoints(checkpoint, subfolder, weight_name, **hub_kwargs)  # files or state dicts
+    if checkpoints:  # before the UNet is touched; a failure here leaves the pipeline as it was
+        attach_image_encoder(model_or_pipeline, checkpoint, subfolder, image_encoder_folder, **hub_kwargs)
     if not checkpoints:
         raise ValueError("checkpoint: expected at least one checkpoint, got an empty list")
     n = len(checkpoints)
@@ -168,11 +189,11 @@ def load_ip_adapter(
     held_params = 0
     for site in sites:
         held = [a for a in range(n) if site.name in weights[a]]
-        if not held:
-            procs[site.name] = FusedAttnProcessor()
-            continue
         attn = site.module
         shape = (attn.to_k.out_features, attn.to_k.in_features)
+        # A layer outside every target still gets an IP processor, holding no weights: it
+        # drops the IP tokens the UNet passes to every cross-attention layer, and diffusers'
+        # unload_ip_adapter / set_ip_adapter_scale treat it like every other IP layer.
         proc = FusedIPAdapterAttnProcessor(
             hidden_size=shape[0],
             cross_attention_dim=shape[1],
@@ -205,16 +226,18 @@ def load_ip_adapter(
     if unet.encoder_hid_proj is not None and unet.config.encoder_hid_dim_type == "text_proj" and not hasattr(unet, "text_encoder_hid_proj"):
         unet.text_encoder_hid_proj = unet.encoder_hid_proj
     unet.encoder_hid_proj = None
+    diffusers_compat.register_processor_classes()  # diffusers modules imported since
     unet.set_attn_processor(procs)
     # (diffusers then calls unet.to(...), which warns about fp32 modules; only new modules need moving)
     unet.encoder_hid_proj = MultiIPAdapterImageProjection(projections).to(device=unet.device, dtype=unet.dtype)
     unet.config.encoder_hid_dim_type = "ip_image_proj"
-    attach_gates(unet, gates)
+    if any(g is not None for g in gates):
+        ensure_step_hook(unet)
 
-    registry.remove("ip_adapter")
     reports = []
+    registry.labels = {name: info for name, info in registry.labels.items() if not name.startswith("ip_adapter[")}
     for a, ((_, source), t) in enumerate(zip(states, targets)):
-        registry.injections[f"ip_adapter[{a}]"] = Injection(f"ip_adapter[{a}]", "cross", weights[a], {"target": t, "source": source})
+        registry.labels[f"ip_adapter[{a}]"] = {"target": t, "source": source}
         reports.append(AdapterReport(source, tokens[a], t, list(weights[a]), gates[a]))
     all_params = n * sum(layer_params(s) for s in sites)
     return LoadReport(reports, held_params, all_params, torch.finfo(unet.dtype).bits // 8, {k: old[k] for k in procs if procs[k] is not old[k]})

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from .architectures import CONFIGS
+from .processors.architectures import CONFIGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,23 +31,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe_blocks(arch: str, target=None, cross_only: bool = False):
     """``(rows, summary)`` for ``arch`` with IP-Adapter injected at ``target`` (None: nothing)."""
-    from .architectures import build_meta_unet
-    from .loader import ip_param_counts
-    from .registry import registry_of
+    from .loaders import ip_param_counts
+    from .processors.architectures import build_meta_unet
+    from .processors.registry import registry_of
 
     unet = build_meta_unet(arch)
     registry = registry_of(unet, arch)
     summary = {"arch": arch, "target": target}
+    planned = {}
     if target is not None:
-        registry.inject("ip_adapter[0]", target, "cross")
+        planned["ip_adapter[0]"] = registry.resolve(target, "cross")
         counts = ip_param_counts(unet, target)
         summary.update(
             ip_params=counts["held"],
             ip_params_all_layers=counts["all_layers"],
-            ip_layers=len(registry.injections["ip_adapter[0]"].weights),
+            ip_layers=len(planned["ip_adapter[0]"]),
             ip_layers_all=len(registry.candidates("cross")),
         )
-    rows = registry.table()
+    rows = registry.table(planned)
     if cross_only:
         rows = [r for r in rows if r["kind"] == "cross"]
     return rows, summary

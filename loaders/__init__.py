@@ -1,0 +1,17 @@
+"""Checkpoints -> processors: IP-Adapters loaded into their target layers only.
+
+- :func:`load_ip_adapter` / :class:`LoadReport` / :func:`ip_param_counts` (``loader``).
+- :func:`read_checkpoint` and the original IP-Adapter layout (``checkpoints``).
+"""
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "load_ip_adapter": ".loader",
+    "LoadReport": ".loader",
+    "ip_param_counts": ".loader",
+    "read_checkpoint": ".checkpoints",
+}
+
+__all__ = list(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

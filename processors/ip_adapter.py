@@ -1,0 +1,171 @@
+"""IP-Adapter as a contributor: its streams, from the K/V projections a layer holds.
+
+Mixed into ``FusedIPAdapterAttnProcessor``, which keeps diffusers' attributes
+(``to_k_ip``/``to_v_ip``: the held adapters' projections; ``scale`` and ``num_tokens``:
+one entry per adapter of the pipeline, as diffusers expects).  A layer outside an
+adapter's targets holds no weights for it and makes no stream for it.
+
+Scales live twice: as the Python list diffusers reads and writes
+(``set_ip_adapter_scale`` assigns items in place), and as a float32 buffer the forward
+reads.  The forward never branches on a scale's *value* under ``torch.compile``, so a
+compiled graph takes the buffer as an input (no recompile when a scale changes, no
+scale-0 branch baked in), and the buffer is updated in place so a CUDA graph that
+captured its address reads the new values.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from diffusers.image_processor import IPAdapterMaskProcessor
+
+from .contributors import AttentionCall, Contributor
+from .validation import describe, require_scale
+
+
+class ScaleList(list):
+    """``processor.scale``: a list that tells its processor when an item is assigned
+    (an in-place write never reaches a property setter).  It pickles and deep-copies
+    with its owner, so a copied model's ``set_ip_adapter_scale`` still reaches the
+    copy's buffer."""
+
+    def __init__(self, values, owner):
+        super().__init__(values)
+        self.owner = owner
+
+    def __setitem__(self, index, value):
+        super().__setitem__(index, value)
+        self.owner._sync_scale()
+
+
+class IPAdapterStreams(Contributor):
+    """The IP-Adapter contribution of one layer (kind 1: one stream per held adapter,
+    or per masked image)."""
+
+    name = "ip_adapter"
+
+    @staticmethod
+    def check_adapter_ids(adapter_ids: Optional[Sequence[int]], n: int) -> List[int]:
+        ids = list(range(n)) if adapter_ids is None else [int(a) for a in adapter_ids]
+        if any(not 0 <= a < n for a in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"adapter_ids: expected distinct indices in [0, {n}), got {list(adapter_ids)}")
+        return ids
+
+    def init_streams(self, adapter_ids: List[int], num_tokens: list, scale) -> None:
+        n = len(num_tokens)
+        if not isinstance(scale, list):
+            scale = [scale] * n
+        if len(scale) != n:
+            raise ValueError(f"scale: expected one entry per IP-Adapter ({n}), got {len(scale)}")
+        self.adapter_ids = adapter_ids
+        self.num_tokens = num_tokens
+        self.scale = scale
+        self.gates: List = [None] * n
+
+    # -- scales ---------------------------------------------------------------------------
+    @property
+    def scale(self):
+        return self._scale
+
+    @scale.setter
+    def scale(self, value):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"scale: expected a list with one entry per IP-Adapter, got {describe(value)}")
+        self._scale = ScaleList([require_scale(f"scale[{i}]", v) for i, v in enumerate(value)], self)
+        self._sync_scale()
+
+    def _sync_scale(self) -> None:
+        rows = [v if isinstance(v, list) else [v] for v in self._scale]
+        width = max([len(r) for r in rows] + [1])
+        # a per-image list is only meaningful with masks; pad rows with their last value
+        table = torch.tensor([r + r[-1:] * (width - len(r)) if r else [0.0] * width for r in rows], dtype=torch.float32)
+        # Stored as the float32 *bits* in an int32 buffer: ``unet.half()`` casts floating
+        # buffers, and a scale rounded to fp16/bf16 would bias every output against
+        # diffusers' (which multiplies by the exact Python float).
+        bits = table.view(torch.int32)
+        current = self._buffers.get("scale_bits")
+        if current is not None and current.shape == bits.shape:
+            current.copy_(bits)
+        else:
+            device = current.device if current is not None else None
+            self.register_buffer("scale_bits", bits.to(device), persistent=False)
+
+    @property
+    def scale_values(self) -> torch.Tensor:
+        """``(adapters, images)`` float32 scales, a free view of the buffer."""
+        return self.scale_bits.view(torch.float32)
+
+    def _adapter_scale(self, adapter: int, image: int = 0) -> torch.Tensor:
+        """0-D tensor: the scale of ``adapter`` (and masked ``image``) times its step gate."""
+        table = self.scale_values
+        value = table[adapter, min(image, table.shape[1] - 1)]
+        gate = self.gates[adapter] if adapter < len(self.gates) else None
+        return value if gate is None else value * gate.value.to(value.device)
+
+    def _is_off(self, adapter: int) -> bool:
+        """Eager mode skips an adapter whose scale is 0, as diffusers does (K/V projection
+        included).  Under torch.compile the value is not read, see the module doc."""
+        if torch.compiler.is_compiling():
+            return False
+        s = self._scale[adapter]
+        return all(x == 0 for x in s) if isinstance(s, list) else s == 0
+
+    # -- masks ------------------------------------------------------------------------------
+    def _masks(self, ip_adapter_masks, ip_states) -> list:
+        """One entry per adapter, None where it has no mask."""
+        if ip_adapter_masks is None:
+            return [None] * len(ip_states)
+        if not isinstance(ip_adapter_masks, list):  # diffusers' legacy [num_adapters, 1, h, w] tensor
+            ip_adapter_masks = list(ip_adapter_masks.unsqueeze(1))
+        if not len(ip_adapter_masks) == len(self.num_tokens) == len(ip_states):
+            raise ValueError(
+                f"ip_adapter_masks: expected one entry per IP-Adapter ({len(self.num_tokens)} adapters, "
+                f"{len(ip_states)} image states), got {len(ip_adapter_masks)}"
+            )
+        for i, mask in enumerate(ip_adapter_masks):
+            if mask is None:
+                continue
+            if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+                raise ValueError(
+                    f"ip_adapter_masks[{i}]: expected a tensor [1, num_images, height, width] "
+                    f"(see diffusers' IPAdapterMaskProcessor), got {describe(mask)}"
+                )
+            if mask.shape[1] != ip_states[i].shape[1]:
+                raise ValueError(f"ip_adapter_masks[{i}]: expected {ip_states[i].shape[1]} masks (one per image), got {mask.shape[1]}")
+        return ip_adapter_masks
+
+    def _check_scales(self, masks) -> None:
+        """Per-image scale lists must match the masks.  Eager only (see the module doc)."""
+        if torch.compiler.is_compiling():
+            return
+        for i, (s, mask) in enumerate(zip(self._scale, masks)):
+            if not isinstance(s, list):
+                continue
+            if mask is None and len(set(s)) > 1 and i in self.adapter_ids:
+                raise ValueError(f"scale[{i}]: per-image scales {s} need ip_adapter_masks")
+            if mask is not None and len(s) != mask.shape[1]:
+                raise ValueError(f"scale[{i}]: expected {mask.shape[1]} per-image scales (one per mask), got {len(s)}")
+
+    # -- the contribution ---------------------------------------------------------------------
+    def streams(self, call: AttentionCall):
+        if not self.adapter_ids or not call.ip_states:
+            return []
+        masks = self._masks(call.ip_adapter_masks, call.ip_states)
+        self._check_scales(masks)
+        batch, n, heads, head_dim = call.q.shape
+        out = []  # (ip_k, ip_v, scale, mask): one softmax each
+        for j, adapter in enumerate(self.adapter_ids):
+            if adapter >= len(call.ip_states) or self._is_off(adapter):
+                continue
+            states, mask = call.ip_states[adapter], masks[adapter]
+            to_k, to_v = self.to_k_ip[j], self.to_v_ip[j]
+            if mask is None:  # all images of the adapter share one softmax
+                k, v = to_k(states).view(batch, -1, heads, head_dim), to_v(states).view(batch, -1, heads, head_dim)
+                out.append((k, v, self._adapter_scale(adapter), None))
+                continue
+            for i in range(mask.shape[1]):  # with masks, one softmax, scale and mask per image
+                m = IPAdapterMaskProcessor.downsample(mask[:, i], batch, n, 1).reshape(batch, n)
+                k = to_k(states[:, i]).view(batch, -1, heads, head_dim)
+                v = to_v(states[:, i]).view(batch, -1, heads, head_dim)
+                out.append((k, v, self._adapter_scale(adapter, i), m.to(call.q.device)))
+        return out

@@ -1,0 +1,127 @@
+"""The per-layer pipeline every fused processor runs between ``parse`` and ``project``:
+collect the contributions of what is attached to the layer, in kind order
+(transform_qk -> replace_kv -> joint_kv -> streams -> observe), gate them with
+tensor ops, and end in ONE call: ``decoupled_attention``, or, when an observer needs
+the probabilities or the op can't take the mask, the one unfused implementation
+(``kernels.torch_backend``, same math, keeps the probabilities).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..kernels import decoupled_attention, normalize_inputs
+from ..kernels.torch_backend import torch_decoupled_attention
+from .contributors import AttentionCall
+from .layer_inputs import LayerInputs
+
+
+def _open(contributor) -> Optional[torch.Tensor]:
+    """The gate as a 0-D tensor, or None when it never closes (no blending needed)."""
+    gate = getattr(contributor, "gate", None)
+    return None if gate is None or gate.always_open else gate.value
+
+
+def _gated(gate, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    # torch.where, not a Python branch: a compiled graph reads the gate at run time
+    return new if gate is None else torch.where(gate.to(new.device) > 0, new, old)
+
+
+def _additive(bias: Optional[torch.Tensor], batch: int, length: int, like: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` additive bias in the op's bias dtype (bool: True = attend); zeros for None."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if bias is None:
+        return torch.zeros((batch, length), dtype=dtype, device=like.device)
+    if bias.dtype == torch.bool:
+        return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, float("-inf"))
+    return bias.to(dtype)
+
+
+def _joint(call: AttentionCall, entries) -> tuple:
+    """Every contributor's joint keys, concatenated: ``(k, v, bias)`` or three Nones."""
+    ks, vs, biases, any_bias = [], [], [], False
+    for contributor, weight in entries:
+        call.weight = weight
+        got = contributor.joint_kv(call)
+        if got is None:
+            continue
+        k, v, bias = got
+        gate = _open(contributor)
+        any_bias = any_bias or bias is not None or gate is not None
+        bias = _additive(bias, k.shape[0], k.shape[1], k)
+        if gate is not None:  # closed: log(0) = -inf hides the joint keys, exactly
+            bias = bias + torch.log(gate.to(bias.device, bias.dtype))
+        ks.append(k)
+        vs.append(v)
+        biases.append(bias)
+    if not ks:
+        return None, None, None
+    cat = (lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, dim=1))  # noqa: E731
+    return cat(ks), cat(vs), (cat(biases) if any_bias else None)
+
+
+def _scale_on(scale, device) -> object:
+    """A stream scale as the op takes it: numbers stay numbers (no tensor built, no copy);
+    tensors move to the queries' device."""
+    return scale.to(device) if isinstance(scale, torch.Tensor) else scale
+
+
+def _streams(call: AttentionCall, entries) -> list:
+    out = []
+    device = call.q.device
+    for contributor, weight in entries:
+        gate = _open(contributor)
+        call.weight = weight
+        for s in contributor.streams(call):
+            if len(s) not in (3, 4):
+                raise ValueError(f"{contributor.name}.streams: expected (k, v, scale) or (k, v, scale, mask) items, got {len(s)} values")
+            scale = _scale_on(s[2], device)
+            if gate is not None:
+                scale = gate.to(device) * scale  # a 0-D tensor on the device, whatever scale was
+            out.append((s[0], s[1], scale, s[3] if len(s) == 4 else None))
+    return out
+
+
+def _observers(call: AttentionCall, entries) -> list:
+    """Observers that want this call.  Eager only: attention maps read values on the host."""
+    return [c for c, _ in entries if 5 in c.kinds and bool(c.gate is None or c.gate.value > 0) and c.observing(call)]
+
+
+def attend(layer: LayerInputs, entries: Sequence, site: str = "", info=None) -> torch.Tensor:
+    """``(B, N, H, D)`` attention output of one layer with ``entries`` (``(contributor,
+    weight)`` pairs, in attachment order) applied.  ``info``: the model's state (step,
+    timestep, latent size) or None."""
+    call = AttentionCall(
+        site=site, weight=1.0, q=layer.q, k=layer.k, v=layer.v, text_bias=layer.text_bias, ip_states=layer.ip_states,
+        ip_adapter_masks=layer.ip_adapter_masks,
+        step=max(info.step, 0) if info else 0, timestep=info.timestep if info else None,
+        sample_size=info.sample_size if info else None,
+    )
+    by_kind = lambda kind: [(c, w) for c, w in entries if kind in c.kinds]  # noqa: E731
+    for contributor, weight in by_kind(4):
+        call.weight = weight
+        q, k = contributor.transform_qk(call)
+        gate = _open(contributor)
+        call.q, call.k = _gated(gate, q, call.q), _gated(gate, k, call.k)
+    for contributor, weight in by_kind(3):
+        call.weight = weight
+        k, v = contributor.replace_kv(call)
+        gate = _open(contributor)
+        call.k, call.v = _gated(gate, k, call.k), _gated(gate, v, call.v)
+    joint_k, joint_v, joint_bias = _joint(call, by_kind(2))
+    streams = _streams(call, by_kind(1))
+    observers = _observers(call, by_kind(5))
+    ip_k, ip_v = [s[0] for s in streams], [s[1] for s in streams]
+    scales, masks = [s[2] for s in streams], [s[3] for s in streams]
+    if not observers and layer.fallback_reason is None:
+        return decoupled_attention(call.q, call.k, call.v, ip_k, ip_v, scales, masks, call.text_bias,
+                                   joint_k=joint_k, joint_v=joint_v, joint_bias=joint_bias)
+    inputs = normalize_inputs(call.q, call.k, call.v, ip_k, ip_v, scales, masks, None if layer.full_mask is not None else call.text_bias,
+                              None, joint_k, joint_v, joint_bias)
+    if not observers:
+        return torch_decoupled_attention(inputs, attn_mask=layer.full_mask)
+    out, probs = torch_decoupled_attention(inputs, attn_mask=layer.full_mask, keep_probs=True)
+    for observer in observers:
+        observer.observe(call, probs)
+    return out
