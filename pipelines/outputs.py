@@ -47,6 +47,8 @@ def check_output(out: str, flag: str = "--out", paths: Optional[Iterable[str]] =
     """Validate an output image path (and the per-image ``paths`` derived from it) before any work."""
     if not out:
         raise UserError(f"{flag}: expected a file name, got an empty string")
+    if os.path.isdir(out):
+        raise UserError(f"{flag}: {out!r} is a folder; give a file name such as {os.path.join(out, 'out.png')!r}")
     ext = os.path.splitext(out)[1].lower()
     if ext == ".json":
         raise UserError(f"{flag}: {out!r} is a .json name; sidecars are written next to the image, give an image "

@@ -286,7 +286,7 @@ def stylize(args) -> dict:
 
 def run(args) -> int:
     record = stylize(args)  # UserError: one line from the CLI, exit 2
-    sidecar = sidecar_path(record["image"])
+    sidecar = sidecar_path(os.path.abspath(args.out))  # a.png.json, also for a batch a-0.png, a-1.png, ...
     write_json(sidecar, record)
     print(f"wrote {', '.join(record['images'])} and {sidecar}", file=sys.stderr)
     return 0

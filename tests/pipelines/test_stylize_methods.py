@@ -29,7 +29,7 @@ def test_style_aligned_batch_shares_the_first_images_style(tiny_sdxl, tmp_path):
     assert main(_args(tiny_sdxl, out, PROMPTS, "--keys-scale", "0.9")) == 0
     paths = [tmp_path / "batch" / f"toys-{i}.png" for i in range(3)]
     assert all(Image.open(p).size == (32, 32) for p in paths)
-    sidecar = json.loads(out.parent / (out.name + ".json").read_text())
+    sidecar = json.loads((out.parent / (out.name + ".json")).read_text())
     assert sidecar["method"] == "style-aligned" and sidecar["images"] == [str(p) for p in paths]
     assert sidecar["settings"]["prompt"] == PROMPTS and sidecar["settings"]["keys_scale"] == 0.9
     assert sidecar["targets"] and all(t.endswith("attn1.processor") for t in sidecar["targets"])
@@ -45,7 +45,7 @@ def test_style_aligned_batch_shares_the_first_images_style(tiny_sdxl, tmp_path):
     # the GroupNorms share the reference's statistics by default; --no-shared-norms keeps their own
     own = tmp_path / "own.png"
     assert main(_args(tiny_sdxl, own, [PROMPTS[0], PROMPTS[1]], "--keys-scale", "0.9", "--no-shared-norms")) == 0
-    assert json.loads(own.parent / (own.name + ".json").read_text())["settings"]["no_shared_norms"] is True
+    assert json.loads((own.parent / (own.name + ".json")).read_text())["settings"]["no_shared_norms"] is True
     assert sidecar["settings"]["no_shared_norms"] is False
     assert np.abs(_pixels(tmp_path / "own-0.png") - _pixels(alone)).max() <= 1  # the reference: unchanged either way
     assert np.abs(_pixels(tmp_path / "own-1.png") - _pixels(paths[1])).max() > 0
