@@ -74,3 +74,24 @@ def test_sdxl_inpaint_pipeline(tiny_sdxl):
     mask.paste(255, (8, 8, 24, 24))
     out = _run(style, "a dog", Image.open(tiny_sdxl / "style.png"), image=init, mask_image=mask, strength=0.75, num_inference_steps=4)
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_failed_configure_changes_nothing(tiny_sdxl):
+    """Issue 10: a target change that fails must leave the model, target, scale and report as they were."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl / "model")
+    style = _style(tiny_sdxl, pipe, target="style", scale=0.7)
+    report, procs = style.report, dict(pipe.unet.attn_processors)
+    with pytest.raises(ValueError, match="matches no cross-attention layer"):
+        style.configure(target=["no_such_block.attentions.0"], scale=0.2)
+    assert (style.target, style.scale, style.report) == ("style", 0.7, report)
+    assert dict(pipe.unet.attn_processors) == procs
+
+
+def test_hub_style_arguments_and_image_encoder_next_to_the_checkpoint(tiny_sdxl):
+    """diffusers' (folder, weight_name) form; the encoder comes from 'image_encoder' beside it."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl / "model")
+    assert pipe.image_encoder is None
+    style = InstantStyle(pipe, tiny_sdxl, weight_name="ip-adapter.safetensors", target="style")
+    assert type(pipe.image_encoder).__name__ == "CLIPVisionModelWithProjection" and pipe.feature_extractor is not None
+    out = _run(style, "a dog", Image.open(tiny_sdxl / "style.png"), content_prompt="a cat")
+    assert torch.isfinite(out).all()
