@@ -72,35 +72,36 @@ def head_dim_bucket(head_dim: int) -> int:
 # queries up to D=64 everywhere.  sm_86/sm_89 have ~100 KB of shared memory, so their
 # multi-stage tiles at D=128 are smaller than sm_80's.
 _WIDE = {"short": (128, 64, 16, 8, 2), "long": (128, 64, 64, 8, 2)}
+_ONE_128, _ONE_64 = (128, 128, 8, 1), (64, 128, 8, 1)
 _SPILL_FREE = {
     ("sm_90", "half"): {
-        16: dict(_WIDE, single=(128, 128, 8, 1)), 32: dict(_WIDE, single=(128, 128, 8, 1)),
-        64: dict(_WIDE, single=(128, 128, 8, 1)),
-        128: {"short": (128, 32, 16, 8, 1), "long": (128, 32, 32, 8, 1), "single": (64, 128, 8, 1)},
+        16: dict(_WIDE, single=_ONE_128), 32: dict(_WIDE, single=_ONE_128), 64: dict(_WIDE, single=_ONE_64),
+        128: {"short": (128, 32, 16, 8, 1), "long": (128, 32, 32, 8, 1), "single": _ONE_128},
         256: {"short": (64, 32, 16, 8, 1), "long": (64, 32, 16, 8, 1), "single": None},
     },
     ("sm_90", "fp32"): {
-        16: dict(_WIDE, single=(128, 128, 8, 1)), 32: dict(_WIDE, single=(128, 128, 8, 1)),
-        64: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 64, 8, 1), "single": (64, 128, 8, 1)},
+        16: dict(_WIDE, single=_ONE_128), 32: dict(_WIDE, single=_ONE_128),
+        64: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 64, 8, 1), "single": None},
         128: {"short": (128, 32, 16, 8, 1), "long": (64, 32, 32, 4, 1), "single": None},
         256: {"short": (16, 16, 16, 4, 1), "long": (16, 16, 16, 4, 1), "single": None},
     },
     ("sm_80", "half"): {
-        16: dict(_WIDE, single=(128, 128, 8, 1)),
-        32: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 64, 8, 2), "single": (128, 128, 8, 1)},
-        64: dict(_WIDE, single=(128, 128, 8, 1)),
-        128: {"short": (128, 64, 16, 8, 2), "long": (128, 64, 32, 8, 2), "single": (64, 128, 8, 1)},
+        16: dict(_WIDE, single=_ONE_64),
+        32: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 64, 8, 2), "single": _ONE_64},
+        64: dict(_WIDE, single=_ONE_64),
+        128: {"short": (128, 64, 16, 8, 2), "long": (128, 64, 32, 8, 2), "single": _ONE_64},
         256: {"short": (16, 16, 16, 4, 1), "long": (16, 16, 16, 4, 1), "single": None},
     },
     ("sm_80", "fp32"): {
-        16: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 64, 8, 2), "single": (128, 128, 8, 1)},
-        32: dict(_WIDE, single=(128, 128, 8, 1)), 64: dict(_WIDE, single=(64, 128, 8, 1)),
+        16: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 64, 8, 2), "single": _ONE_64},
+        32: dict(_WIDE, single=_ONE_64), 64: dict(_WIDE, single=None),
         128: {"short": (128, 64, 16, 8, 2), "long": (128, 64, 32, 8, 1), "single": None},
         256: {"short": (16, 16, 16, 4, 1), "long": (16, 16, 16, 4, 1), "single": None},
     },
 }
 # Until a search says otherwise, the ~100 KB parts start from sm_80's table (same
-# mma.sync code; the compile report checks their shared memory against 99 KB).
+# mma.sync code; the compile report checks their shared memory against 99 KB), and
+# sm_100 from sm_90's.
 _SPILL_FREE[("sm_86", "half")] = _SPILL_FREE[("sm_89", "half")] = _SPILL_FREE[("sm_80", "half")]
 _SPILL_FREE[("sm_86", "fp32")] = _SPILL_FREE[("sm_89", "fp32")] = _SPILL_FREE[("sm_80", "fp32")]
 _SPILL_FREE[("sm_100", "half")] = _SPILL_FREE[("sm_90", "half")]
@@ -189,7 +190,7 @@ def spill_free_configs(dtype_name: str, arch: str) -> list:
     configs = []
     for block_d in HEAD_DIM_BUCKETS:
         table = _SPILL_FREE[(arch, dtype_class(dtype_name))][block_d]
-        shapes = [(77, (4,)), (77, (257,))] + ([(1, (1,))] if table.get("single") else [])
+        shapes = [(300, (4,)), (77, (257,))] + ([(1, (1,))] if table.get("single") else [])  # short, long, single
         for lt, ip in shapes:
             cfg = kernel_config(block_d, lt, 0, ip, dtype_name, arch, tuned=False)
             if cfg not in configs:
