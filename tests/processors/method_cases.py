@@ -209,7 +209,7 @@ class MutualSelfAttention(EditingMethod):
         self.halves = 2 if cfg else 1
 
     def replace_kv(self, call):  # kind 3: K/V replacement
-        rows = reference_rows(call.batch, self.halves).to(call.k.device)
+        rows = reference_rows(call.batch, self.halves, device=call.k.device)
         return call.k[rows], call.v[rows]  # queries stay the image's own
 
 
