@@ -42,7 +42,7 @@ setup(
     python_requires=">=3.9",
     packages=PACKAGES,
     package_dir=PACKAGE_DIRS,
-    package_data={"instantstyle.bench": ["results/*.md", "results/*.png"]},
+    package_data={"instantstyle.bench": ["results/*.md", "results/*.png"], "instantstyle.kernels": ["tuned/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
