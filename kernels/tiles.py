@@ -66,11 +66,12 @@ def head_dim_bucket(head_dim: int) -> int:
 
 # (BLOCK_M, BLOCK_N, BLOCK_N_IP, num_warps, num_stages) for "short"/"long",
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for "single" (None: no single-tile path).
-# Findings (triton 3.9, 2026-11): 128-query tiles need 8 warps (4 warps spill at D=64);
-# mma.sync (sm_8x) keeps operands in registers, so D=256 only fits 16x16 tiles there,
-# while Hopper's wgmma reads them from shared memory; a 128-key single tile fits 128
-# queries up to D=64 everywhere.  sm_86/sm_89 have ~100 KB of shared memory, so their
-# multi-stage tiles at D=128 are smaller than sm_80's.
+# Findings (triton 3.9, 2026-11, compile report with the launcher's specialisation and a
+# "full" call: biases, joint keys, IP masks, padded head dim): 128-query tiles need 8 warps;
+# mma.sync (sm_8x) keeps operands in registers, so D=256 only fits 16x16 tiles there and
+# the 128-key single tile fits 16-64 queries (none at D=128 or in fp32), while Hopper's wgmma
+# reads operands from shared memory and takes 64-128 queries.  sm_86/sm_89 (~100 KB of
+# shared memory) get their own entries where sm_80's spilled or overflowed.
 _WIDE = {"short": (128, 64, 16, 8, 2), "long": (128, 64, 64, 8, 2)}
 _ONE_128, _ONE_64 = (128, 128, 8, 1), (64, 128, 8, 1)
 _SPILL_FREE = {
@@ -86,26 +87,39 @@ _SPILL_FREE = {
         256: {"short": (16, 16, 16, 4, 1), "long": (16, 16, 16, 4, 1), "single": None},
     },
     ("sm_80", "half"): {
-        16: dict(_WIDE, single=_ONE_64),
-        32: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 64, 8, 2), "single": _ONE_64},
-        64: dict(_WIDE, single=_ONE_64),
-        128: {"short": (128, 64, 16, 8, 2), "long": (128, 64, 32, 8, 2), "single": _ONE_64},
+        16: {"short": (128, 64, 16, 8, 2), "long": (128, 64, 64, 8, 1), "single": (64, 128, 4, 1)},
+        32: {"short": (64, 32, 16, 4, 1), "long": (128, 64, 64, 8, 2), "single": (16, 128, 4, 1)},
+        64: dict(_WIDE, single=(32, 128, 4, 1)),
+        128: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 32, 8, 1), "single": None},
         256: {"short": (16, 16, 16, 4, 1), "long": (16, 16, 16, 4, 1), "single": None},
     },
     ("sm_80", "fp32"): {
-        16: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 64, 8, 2), "single": _ONE_64},
-        32: dict(_WIDE, single=_ONE_64), 64: dict(_WIDE, single=None),
-        128: {"short": (128, 64, 16, 8, 2), "long": (128, 64, 32, 8, 1), "single": None},
+        16: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 64, 8, 2), "single": None},
+        32: {"short": (128, 64, 16, 8, 2), "long": (128, 64, 64, 8, 1), "single": None},
+        64: {"short": (128, 64, 16, 8, 2), "long": (128, 64, 64, 8, 1), "single": None},
+        128: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 32, 8, 1), "single": None},
+        256: {"short": (16, 16, 16, 2, 1), "long": (16, 16, 16, 2, 1), "single": None},
+    },
+    # ~100 KB of shared memory; ptxas allocates differently from sm_80 (sm_89 = sm_86 here).
+    ("sm_86", "half"): {
+        16: {"short": (128, 64, 16, 8, 2), "long": (64, 64, 64, 4, 1), "single": (64, 128, 4, 1)},
+        32: {"short": (64, 64, 16, 4, 1), "long": (128, 64, 64, 8, 2), "single": (16, 128, 4, 1)},
+        64: dict(_WIDE, single=(32, 128, 8, 1)),
+        128: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 32, 8, 1), "single": None},
+        256: {"short": (16, 16, 16, 2, 1), "long": (16, 16, 16, 2, 1), "single": None},
+    },
+    ("sm_86", "fp32"): {
+        16: {"short": (128, 64, 16, 8, 1), "long": (128, 64, 64, 8, 2), "single": None},
+        32: {"short": (128, 64, 16, 8, 2), "long": (128, 64, 64, 8, 1), "single": None},
+        64: {"short": (128, 64, 16, 8, 2), "long": (128, 64, 64, 8, 1), "single": None},
+        128: {"short": (32, 32, 16, 4, 1), "long": (32, 32, 32, 4, 1), "single": None},
         256: {"short": (16, 16, 16, 4, 1), "long": (16, 16, 16, 4, 1), "single": None},
     },
 }
-# Until a search says otherwise, the ~100 KB parts start from sm_80's table (same
-# mma.sync code; the compile report checks their shared memory against 99 KB), and
-# sm_100 from sm_90's.
-_SPILL_FREE[("sm_86", "half")] = _SPILL_FREE[("sm_89", "half")] = _SPILL_FREE[("sm_80", "half")]
-_SPILL_FREE[("sm_86", "fp32")] = _SPILL_FREE[("sm_89", "fp32")] = _SPILL_FREE[("sm_80", "fp32")]
-_SPILL_FREE[("sm_100", "half")] = _SPILL_FREE[("sm_90", "half")]
-_SPILL_FREE[("sm_100", "fp32")] = _SPILL_FREE[("sm_90", "fp32")]
+_SPILL_FREE[("sm_89", "half")], _SPILL_FREE[("sm_89", "fp32")] = _SPILL_FREE[("sm_86", "half")], _SPILL_FREE[("sm_86", "fp32")]
+# sm_100 (tcgen05): sm_90's tiles, with 64-query single tiles where 128 spilled.
+_SPILL_FREE[("sm_100", "half")] = {bd: dict(e, single=_ONE_64 if e["single"] else None) for bd, e in _SPILL_FREE[("sm_90", "half")].items()}
+_SPILL_FREE[("sm_100", "fp32")] = {bd: dict(e, single=_ONE_64 if e["single"] else None) for bd, e in _SPILL_FREE[("sm_90", "fp32")].items()}
 
 
 def dtype_class(dtype_name: str) -> str:
