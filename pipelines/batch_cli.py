@@ -1,0 +1,171 @@
+"""Stylise every row of a manifest, data-parallel across processes, GPUs and machines.
+
+MANIFEST is JSONL (one object per line) or CSV with one job per row.  Fields: prompt, style
+(a path or a list of paths, relative to the manifest; in CSV a JSON list or paths joined by
+"|"), and optionally negative_prompt, seed, scale, target, content_prompt, content_scale
+and name (the output file stem; default: the row number).  Flags give the defaults of the
+optional fields (--seed S gives row i the seed S + i).
+
+  {"prompt": "a dog", "style": "refs/wave.png", "content_prompt": "a wave", "name": "dog-wave"}
+  {"prompt": "a cat", "style": ["refs/a.png", "refs/b.png"], "seed": 7, "scale": 0.8, "target": "style+layout"}
+
+One process:        instantstyle stylize-batch jobs.jsonl --out results/ --model ... --ip-adapter ...
+All GPUs, one box:  accelerate launch -m instantstyle stylize-batch jobs.jsonl --out results/ ...
+                    (or: torchrun --nproc-per-node 8 -m instantstyle stylize-batch ...)
+Several machines:   accelerate launch --num_machines 2 --machine_rank R --main_process_ip HOST ...
+                    (--out on a shared file system)
+
+Each process loads the pipeline once and takes a fixed slice of the rows; a row's image
+depends only on the row and its seed, never on which process ran it.  Re-running the same
+command skips rows that are complete (<name>.png + <name>.png.json), so an interrupted run
+resumes; files are written atomically.  A failing row gets <name>.png.error.json and the run
+goes on.  The end: OUT/summary.json (every row: ok, skipped or failed with its reason); exit
+status 1 if any row failed, else 0.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .batch import Job, merge_summary, read_manifest, remove_stale_temporaries, run_shard
+from .cli_args import add_model_arguments, add_runtime_arguments, check_runtime, device_and_dtype, finite, hub_kwargs
+from .errors import UserError
+from .outputs import IMAGE_FORMATS, png_text, save_image, write_json, writable_folder
+from .stylize_cli import PRESET_CHOICES, open_image
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("manifest", metavar="MANIFEST", help="jobs: .jsonl (one JSON object per line) or .csv")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (shared by all processes)")
+    parser.add_argument("--format", choices=[e[1:] for e in IMAGE_FORMATS], default="png", help="image format (default png)")
+    add_model_arguments(parser)
+    g = parser.add_argument_group("defaults of the manifest's optional fields")
+    g.add_argument("--seed", type=int, default=0, help="row i without a seed uses SEED + i (default 0)")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--content-prompt", default=None)
+    g.add_argument("--content-scale", type=float, default=0.5)
+    g.add_argument("--scale", type=float, default=1.0)
+    g.add_argument("--preset", choices=PRESET_CHOICES, default=None, help="default target (default style)")
+    g.add_argument("--target", action="append", metavar="PATTERN", help="module prefix/glob instead of --preset")
+    g.add_argument("--start-at", type=float, default=0.0)
+    g.add_argument("--end-at", type=float, default=1.0)
+    add_runtime_arguments(parser)
+
+
+def _check(args) -> str:
+    """Everything checkable before loading; returns the output folder."""
+    if not args.ip_adapter:
+        raise UserError("--ip-adapter: required")
+    if args.target and args.preset:
+        raise UserError("--target and --preset: give one (--target names modules, --preset a block preset)")
+    finite("--scale", args.scale, 0)
+    finite("--content-scale", args.content_scale, 0)
+    from .cli_args import check_start_end
+
+    check_start_end(args)
+    check_runtime(args)
+    return writable_folder(os.path.abspath(args.out), "--out")
+
+
+def _process_state(args):
+    """accelerate's view of the launch (torchrun / accelerate launch / one plain process).  On CPU
+    it must be told so, or a torchrun launch looks like one process per rank (gloo otherwise)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=(args.device or "").startswith("cpu") or not torch.cuda.is_available())
+
+
+def _wire(args, state, hub):
+    """Load the pipeline once in this process; returns ``generate(job, seed)``."""
+    import torch
+
+    from instantstyle.kernels import use_backend
+
+    from .instantstyle import InstantStyle
+    from .loading import load_content_text_encoder, load_image_encoder, load_pipeline, resolve_ip_adapter
+
+    if args.device in (None, "cuda") and state.device.type == "cuda":
+        args.device = str(state.device)  # one GPU per process
+    if args.threads is None and state.device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.threads = max(1, cores // max(1, state.num_processes))  # processes share the cores
+    device, dtype = device_and_dtype(args)
+    ip_file = resolve_ip_adapter(args, hub)
+    pipe = load_pipeline(argparse_namespace(args, controlnet=None), dtype, hub)
+    encoder, processor = load_image_encoder(args, dtype, hub)
+    text_encoder, tokenizer = load_content_text_encoder(args, dtype, hub)
+    pipe.to(device)
+    default_target = args.target or args.preset or "style"
+    try:
+        style = InstantStyle(pipe, ip_file, target=default_target, scale=args.scale, image_encoder=encoder.to(device),
+                             image_processor=processor, tokenizer=tokenizer, image_encoder_folder=None,
+                             text_encoder=text_encoder.to(device) if text_encoder is not None else None,
+                             start_at=args.start_at, end_at=args.end_at)
+    except (ValueError, TypeError, KeyError, NotImplementedError, FileNotFoundError) as exc:
+        raise UserError(f"--ip-adapter / --preset / --target: {exc}") from None
+    scheduler = type(pipe.scheduler).__name__
+
+    def generate(job: Job, seed: int):
+        images = [open_image("style", p) for p in job.style]
+        style.configure(target=job.target if job.target is not None else default_target,
+                        scale=job.scale if job.scale is not None else args.scale)
+        content = job.content_prompt if job.content_prompt is not None else args.content_prompt
+        content_scale = job.content_scale if job.content_scale is not None else args.content_scale
+        with use_backend(args.backend):
+            embeds = style.embeds(images, content, content_scale, do_classifier_free_guidance=args.guidance > 1.0)
+            image = pipe(prompt=job.prompt, negative_prompt=job.negative_prompt or args.negative_prompt,
+                         ip_adapter_image_embeds=embeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                         height=args.height, width=args.width,
+                         generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+        return image, {"target": style.target, "scale": style.scale, "targets": sorted(style.report.adapters[0].layers),
+                       "backend": args.backend, "scheduler": scheduler, "device": device, "model": args.model,
+                       "ip_adapter": args.ip_adapter}
+
+    return generate
+
+
+def argparse_namespace(args, **changes):
+    import argparse
+
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    out_dir = _check(args)
+    jobs = read_manifest(args.manifest)
+    state = _process_state(args)
+    rank, world = state.process_index, state.num_processes
+    if state.is_main_process:
+        remove_stale_temporaries(out_dir)  # a killed run's temporaries; nothing is writing yet
+    state.wait_for_everyone()
+    with state.split_between_processes(jobs) as mine:  # contiguous, deterministic slices
+        mine = list(mine)
+    started = time.perf_counter()
+    generate = _wire(args, state, hub_kwargs(args))
+    ext = "." + args.format
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command", "debug") and not callable(v)}
+
+    def save(image, path, record):
+        save_image(image, path, png_text(dict(record["row"], seed=record["seed"], model=args.model,
+                                              scheduler=record["scheduler"], backend=args.backend)))
+
+    with tqdm(total=len(mine), desc=f"stylize-batch (rank 0 of {world})", unit="row", file=sys.stderr,
+              disable=not state.is_main_process, dynamic_ncols=True) as bar:
+        results = run_shard(mine, out_dir, ext, args.seed, rank, generate, save, tick=lambda: bar.update(1))
+    write_json(os.path.join(out_dir, f".rank-{rank}.results.json"), [vars(r) for r in results])
+    state.wait_for_everyone()
+    failed = 0
+    if state.is_main_process:
+        summary = merge_summary(out_dir, world, len(jobs), settings)
+        failed = summary["failed"]
+        print(f"stylize-batch: {summary['ok']} written, {summary['skipped']} already complete, {failed} failed "
+              f"({world} process(es), {time.perf_counter() - started:.1f} s); {os.path.join(out_dir, 'summary.json')}",
+              file=sys.stderr)
+        for row in summary["failed_rows"]:
+            print(f"  row {row['index']} ({row['name']}): {row['reason']}", file=sys.stderr)
+    state.wait_for_everyone()
+    return 1 if failed else 0
