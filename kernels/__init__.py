@@ -3,8 +3,8 @@
 ``decoupled_attention`` is the op; ``explain_dispatch`` says which backend it would run.
 """
 from .dispatch import BACKENDS, Dispatch, explain_dispatch, use_backend
-from .inputs import AttentionInputs, normalize_inputs
-from .op import decoupled_attention
+from .inputs import AttentionInputs, normalize_inputs, processor_inputs
+from .op import decoupled_attention, run_inputs
 from .reference import reference_decoupled_attention
 from .tolerances import TOLERANCES, check_close
 
@@ -16,6 +16,8 @@ __all__ = [
     "explain_dispatch",
     "use_backend",
     "normalize_inputs",
+    "processor_inputs",
+    "run_inputs",
     "reference_decoupled_attention",
     "TOLERANCES",
     "check_close",

@@ -287,3 +287,20 @@ def _is_static_zero(ip_scale, i: int) -> bool:
     if torch.compiler.is_compiling():
         return False  # comparing a traced float would guard on its value and recompile
     return isinstance(ip_scale, numbers.Real) and not isinstance(ip_scale, bool) and ip_scale == 0
+
+
+def processor_inputs(q, k, v, ip_k=(), ip_v=(), ip_scale=(), text_bias=None) -> AttentionInputs:
+    """Canonical inputs WITHOUT the argument checks, for calls whose inputs a processor
+    built itself: q/k/v are views of the layer's own projections and each scale is a 0-D
+    float tensor on q's device (IP-Adapter's scale buffer, times its gate).  The checks
+    of :func:`normalize_inputs` cost more host time than a launch-bound layer's kernels;
+    user calls (and editing methods' contributions) keep them."""
+    batch = q.shape[0]
+    dtype = _param_dtype(q)
+    if ip_scale:
+        rows = [s.reshape(1) for s in ip_scale]
+        scales = (rows[0] if len(rows) == 1 else torch.cat(rows)).to(dtype)[:, None].expand(len(rows), batch)
+    else:
+        scales = torch.zeros((0, batch), dtype=dtype, device=q.device)
+    return AttentionInputs(q, k, v, tuple(ip_k), tuple(ip_v), scales, None,
+                           _bias_tensor("text_bias", text_bias, batch, k.shape[1], q), q.shape[-1] ** -0.5)

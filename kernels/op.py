@@ -90,6 +90,12 @@ def decoupled_attention(
         ``(B, N, H, D)`` in q's dtype, contiguous, so ``.view(B, N, H * D)`` is free.
     """
     inputs = normalize_inputs(q, k, v, ip_k, ip_v, ip_scale, ip_mask, text_bias, sm_scale, joint_k, joint_v, joint_bias)
+    return run_inputs(inputs, backend)
+
+
+def run_inputs(inputs: AttentionInputs, backend: Optional[str] = None) -> torch.Tensor:
+    """The op on already canonical :class:`AttentionInputs` (``normalize_inputs``, or
+    ``processor_inputs`` for what a processor built itself): backend choice and run."""
     backend = default_backend() if backend is None else backend
     if _needs_grad(inputs):
         # Custom ops have no autograd formula here; the composite torch path does.

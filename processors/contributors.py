@@ -24,8 +24,9 @@ graph does not recompile when a contributor switches on or off).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -65,6 +66,12 @@ class AttentionCall:
         return h // factor, w // factor
 
 
+@functools.lru_cache(maxsize=None)
+def kinds_of(cls) -> Tuple[int, ...]:
+    """A class' contribution kinds, found once per class (read at every layer call)."""
+    return tuple(sorted(k for hook, k in HOOKS.items() if getattr(cls, hook) is not getattr(Contributor, hook)))
+
+
 class Contributor:
     """Base class: override the hooks you need.  ``gate`` is a
     :class:`~instantstyle.processors.gating.StepGate` or None (always on, or a
@@ -72,11 +79,14 @@ class Contributor:
 
     name = "contributor"
     gate = None
+    #: True only for contributions built by instantstyle itself from the layer's own
+    #: projections (IP-Adapter's streams): they skip the op's argument checks.
+    trusted = False
 
     @property
-    def kinds(self) -> List[int]:
+    def kinds(self) -> list:
         """The contribution kinds (1-5) implemented, from the overridden hooks."""
-        return sorted(k for hook, k in HOOKS.items() if getattr(type(self), hook) is not getattr(Contributor, hook))
+        return list(kinds_of(type(self)))
 
     def transform_qk(self, call: AttentionCall):
         """Kind 4: return ``(q, k)`` to use instead of ``call.q``, ``call.k``."""

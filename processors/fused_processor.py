@@ -14,6 +14,7 @@ Inputs the op can't take go through the unfused implementation; the reason is ke
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -82,6 +83,13 @@ class FusedAttnProcessor(torch.nn.Module):
 
 
 diffusers_compat.register_processor_classes(FusedIPAdapterAttnProcessor, FusedAttnProcessor)
+
+# diffusers' Attention.forward runs inspect.signature(processor.__call__) on every call (to
+# drop unknown cross_attention_kwargs); a precomputed __signature__ on the function is
+# returned as is, ~25 us less Python per layer call.  (A descriptor returning a pre-bound
+# signature would save ~15 us more, but dynamo can't trace through one.)
+for _cls in (FusedIPAdapterAttnProcessor, FusedAttnProcessor):
+    _cls.__call__.__signature__ = inspect.signature(_cls.__call__)
 
 
 def fallback_reasons(model) -> dict:

@@ -43,6 +43,7 @@ class IPAdapterStreams(Contributor):
     or per masked image)."""
 
     name = "ip_adapter"
+    trusted = True  # streams: the layer's own projections, scales from the buffer (see streams)
 
     @staticmethod
     def check_adapter_ids(adapter_ids: Optional[Sequence[int]], n: int) -> List[int]:
@@ -154,11 +155,11 @@ class IPAdapterStreams(Contributor):
         self._check_scales(masks)
         batch, n, heads, head_dim = call.q.shape
         out = []  # (ip_k, ip_v, scale, mask): one softmax each
-        for j, adapter in enumerate(self.adapter_ids):
+        # zip over the ModuleLists: indexing one costs microseconds of Python per call
+        for adapter, to_k, to_v in zip(self.adapter_ids, self.to_k_ip, self.to_v_ip):
             if adapter >= len(call.ip_states) or self._is_off(adapter):
                 continue
             states, mask = call.ip_states[adapter], masks[adapter]
-            to_k, to_v = self.to_k_ip[j], self.to_v_ip[j]
             if mask is None:  # all images of the adapter share one softmax
                 k, v = to_k(states).view(batch, -1, heads, head_dim), to_v(states).view(batch, -1, heads, head_dim)
                 out.append((k, v, self._adapter_scale(adapter), None))

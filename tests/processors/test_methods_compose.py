@@ -73,17 +73,21 @@ def _embeds(batch=4):
 
 
 def _op_calls(monkeypatch):
-    """Every decoupled_attention call of one forward: (module, ip streams, joint keys?)."""
+    """Every op call of one forward: (module, ip streams, joint keys?), checked or trusted."""
     calls = []
-    for module in (compose,):
-        real = module.decoupled_attention
+    checked, trusted = compose.decoupled_attention, compose.run_inputs
 
-        def counting(*args, _real=real, _where=module.__name__.rsplit(".", 1)[-1], **kwargs):
-            ip_k = args[3] if len(args) > 3 else kwargs.get("ip_k", ())
-            calls.append((_where, len(ip_k), kwargs.get("joint_k") is not None))
-            return _real(*args, **kwargs)
+    def counting(*args, **kwargs):
+        ip_k = args[3] if len(args) > 3 else kwargs.get("ip_k", ())
+        calls.append(("pipeline", len(ip_k), kwargs.get("joint_k") is not None))
+        return checked(*args, **kwargs)
 
-        monkeypatch.setattr(module, "decoupled_attention", counting)
+    def counting_trusted(inputs, *args, **kwargs):
+        calls.append(("pipeline", len(inputs.ip_k), inputs.joint_k is not None))
+        return trusted(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(compose, "decoupled_attention", counting)
+    monkeypatch.setattr(compose, "run_inputs", counting_trusted)
     return calls
 
 
