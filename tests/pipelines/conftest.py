@@ -159,10 +159,14 @@ def tiny_sd15(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     """Paths of a saved tiny SDXL pipeline, image encoder, ControlNet, IP-Adapter and images."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+def build_tiny_sdxl(root):
+    """The tiny_sdxl folder, for callers outside this folder's fixtures (the README test)."""
     from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    root = tmp_path_factory.mktemp("tiny-sdxl")
     torch.manual_seed(0)
     unet = _perturb(tiny_unet())
     pipe = StableDiffusionXLPipeline(
