@@ -56,7 +56,7 @@ def test_unwritable_results_dir_fails_before_timing(tmp_path, capsys, monkeypatc
 
 
 def test_quick_only_shape_without_quick_is_an_error_and_writes_nothing(tmp_path, capsys):
-    assert main(["bench", "--shape", "sd15-256x8-d40-two-adapters", "--results-dir", str(tmp_path)]) == 2
+    assert main(["bench", "--suite", "kernel", "--shape", "sd15-256x8-d40-two-adapters", "--results-dir", str(tmp_path)]) == 2
     assert "matches only --quick cases; add --quick" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no empty markdown replacing a real report
 
