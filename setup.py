@@ -52,6 +52,8 @@ setup(
         "safetensors",
         "tqdm",
         "matplotlib",
+        "accelerate>=0.26",  # stylize-batch: processes under accelerate launch / torchrun
+        "huggingface_hub>=0.23",  # hub ids for IP-Adapters and image encoders
     ],
     extras_require={
         "xformers": ["xformers"],
