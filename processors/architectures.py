@@ -1,7 +1,8 @@
-"""Built-in UNet configs (no download) and architecture detection.
+"""Built-in UNet and transformer configs (no download) and architecture detection.
 
 Detection reads the block structure from the model's config, not its widths, so a
-scaled-down test UNet with SDXL's block layout is recognised as SDXL.
+scaled-down test UNet with SDXL's block layout is recognised as SDXL (and a tiny
+Flux or SD3 transformer as ``flux`` / ``sd3``).
 """
 from __future__ import annotations
 
@@ -57,7 +58,43 @@ SD2_CONFIG = dict(
     use_linear_projection=True,
 )
 
-CONFIGS = {"sdxl": SDXL_CONFIG, "sd15": SD15_CONFIG, "sd2": SD2_CONFIG}
+#: black-forest-labs/FLUX.1-dev, transformer/config.json
+FLUX_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+#: stabilityai/stable-diffusion-3.5-large, transformer/config.json
+SD35_CONFIG = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=38,
+    attention_head_dim=64,
+    num_attention_heads=38,
+    joint_attention_dim=4096,
+    caption_projection_dim=2432,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+    qk_norm="rms_norm",
+)
+
+CONFIGS = {"sdxl": SDXL_CONFIG, "sd15": SD15_CONFIG, "sd2": SD2_CONFIG, "flux": FLUX_CONFIG, "sd3": SD35_CONFIG}
+TRANSFORMER_ARCHS = ("flux", "sd3")
+
+#: Joint-sequence lengths at the default resolution (1024 px): image tokens, text tokens.
+#: Flux: 128x128 latent, 2x2 packing -> 4096 image tokens; 512 T5 tokens.  SD3.5: 128x128
+#: latent, patch 2 -> 4096; 77 CLIP + 256 T5 = 333 text tokens.
+DEFAULT_TOKENS = {"flux": (4096, 512), "sd3": (4096, 333)}
 
 #: Which down blocks have cross-attention, per architecture family.
 _SIGNATURES = {
@@ -71,8 +108,13 @@ def _has_attention(block_types) -> tuple:
 
 
 def detect_arch(config) -> Optional[str]:
-    """``"sdxl"``, ``"sd15"``, ``"sd2"`` or None (unknown), from a UNet config (dict-like)."""
+    """``"sdxl"``, ``"sd15"``, ``"sd2"``, ``"flux"``, ``"sd3"`` or None (unknown), from a
+    UNet or transformer config (dict-like)."""
     get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    if get("num_single_layers") is not None:
+        return "flux"
+    if get("caption_projection_dim") is not None and get("joint_attention_dim") is not None:
+        return "sd3"
     down = get("down_block_types")
     if not down:
         return None
@@ -88,11 +130,17 @@ def preset_family(arch: Optional[str]) -> Optional[str]:
 
 
 def build_meta_unet(arch: str):
-    """The full-size UNet of ``arch`` on the meta device: structure only, no memory, no download."""
+    """The full-size UNet (or transformer, for ``flux``/``sd3``) of ``arch`` on the meta
+    device: structure only, no memory, no download."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     if arch not in CONFIGS:
         raise ValueError(f"arch: expected one of {', '.join(sorted(CONFIGS))}, got {arch!r}")
+    if arch == "flux":
+        from diffusers import FluxTransformer2DModel as cls
+    elif arch == "sd3":
+        from diffusers import SD3Transformer2DModel as cls
+    else:
+        from diffusers import UNet2DConditionModel as cls
     with torch.device("meta"):
-        return UNet2DConditionModel(**CONFIGS[arch])
+        return cls(**CONFIGS[arch])

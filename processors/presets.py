@@ -4,6 +4,10 @@ InstantStyle's blocks: SDXL style ``up_blocks.0.attentions.1``, layout
 ``down_blocks.2.attentions.1``; SD1.5/SD2 (weaker, experimental upstream) style
 ``up_blocks.1``, layout ``down_blocks.2`` + ``mid_block``.  ``all`` is every site.
 Other editing methods add their own presets with :func:`register_preset`.
+
+Transformers (DiT): Flux ``double`` = the 19 double-stream ``transformer_blocks``,
+``single`` = the 38 ``single_transformer_blocks``; SD3 has joint blocks only, so
+``all`` is its one preset (no published block analysis to cite for SD3.5 yet).
 """
 from __future__ import annotations
 
@@ -24,6 +28,20 @@ PRESETS: Dict[str, Dict[str, Tuple[str, ...]]] = {
         "style+layout": ("up_blocks.1", "down_blocks.2", "mid_block"),
         "all": ALL,
     },
+    "flux": {
+        "all": ALL,
+        "double": ("transformer_blocks",),
+        "single": ("single_transformer_blocks",),
+        # SplitFlux (Yang et al., arXiv 2511.15258, CVPR 2026), abstract: "Early single
+        # stream blocks mainly control content, whereas later blocks govern style", and
+        # double-stream blocks barely matter.  The split point, blocks 20-29 (content) vs
+        # 30-57 (style) counted 1-based over all 57 blocks, i.e. single blocks 0-9 vs
+        # 10-37, is from a secondary summary of the paper's prompt-replacement study
+        # (themoonlight.io review); only the InstantX format has weights there.
+        "content": tuple(f"single_transformer_blocks.{i}" for i in range(0, 10)),
+        "style": tuple(f"single_transformer_blocks.{i}" for i in range(10, 38)),
+    },
+    "sd3": {"all": ALL, "joint": ("transformer_blocks",)},
     None: {"all": ALL},  # unknown architectures: "all" plus explicit patterns
 }
 

@@ -15,6 +15,9 @@ A target is one of:
 - a ``set_ip_adapter_scale``-style dict, e.g. ``{"up": {"block_0": [0.0, 1.0, 0.0]}}``,
   expanded by diffusers' own ``_maybe_expand_lora_scales`` (same semantics; missing
   parts are 0).  Its values become per-layer weights; layers at 0 are not targets.
+  Transformers (Flux, SD3) take a dict by block list instead (``dit_targets``):
+  ``{"transformer_blocks": [w0, w1, ...], "single_transformer_blocks": {12: 1.0}}``
+  (aliases ``"double"``/``"single"``/``"joint"``).
 
 Resolution returns ``{site name: weight}`` with only non-zero weights.
 """
@@ -24,7 +27,8 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .architectures import detect_arch, preset_family
+from .architectures import DEFAULT_TOKENS, detect_arch, preset_family
+from .dit_targets import resolve_block_dict
 from .model_state import attached_at, reconcile, runs_pipeline
 from .presets import presets_for
 from .sites import AttentionSite, attention_sites
@@ -51,14 +55,18 @@ def _summary(sites: List[AttentionSite]) -> str:
     """``down_blocks.1.attentions.0 (2 cross, 2 self)``, one line per attention container."""
     groups: Dict[str, Dict[str, int]] = {}
     for s in sites:
-        counts = groups.setdefault(s.container, {"cross": 0, "self": 0})
-        counts[s.kind] += 1
-    lines = [f"  {name} ({c['cross']} cross, {c['self']} self)" for name, c in groups.items()]
+        counts = groups.setdefault(s.container, {"cross": 0, "self": 0} if s.kind in ("cross", "self") else {})
+        counts[s.kind] = counts.get(s.kind, 0) + 1
+    lines = [f"  {name} ({', '.join(f'{n} {kind}' for kind, n in c.items())})" for name, c in groups.items()]
     return "\n".join(lines)
 
 
 def _default_queries(config, path: str) -> Optional[int]:
-    """Query count of a layer at the config's default resolution."""
+    """Query count of a layer at the config's default resolution (DiT: the joint
+    sequence, image + text tokens, at 1024 px)."""
+    arch = detect_arch(config)
+    if arch in DEFAULT_TOKENS:
+        return sum(DEFAULT_TOKENS[arch])
     size = config.get("sample_size") if hasattr(config, "get") else None
     n = len(config.get("block_out_channels", ()) or ()) if hasattr(config, "get") else 0
     if not size or not n:
@@ -108,13 +116,19 @@ class InjectionRegistry:
 
     def _no_match(self, what: str, kind: str) -> ValueError:
         return ValueError(
-            f"target: {what} matches no {kind}-attention layer of this {self.arch or 'unknown'} UNet. "
+            f"target: {what} matches no {kind}-attention layer of this {self.arch or 'unknown'} "
+            f"{'transformer' if self.arch in DEFAULT_TOKENS else 'UNet'}. "
             f"Its attention modules are:\n{_summary(self.sites)}"
         )
 
     def resolve(self, target, kind: str = "cross") -> Dict[str, object]:
         """``{site name: weight}`` for ``target`` over the sites of ``kind``."""
         sites = self.candidates(kind)
+        if isinstance(target, dict) and self.arch in DEFAULT_TOKENS:
+            weights = resolve_block_dict(target, sites, self.arch)
+            if not weights:
+                raise self._no_match(f"{target!r} (every weight is 0)", kind)
+            return weights
         if isinstance(target, dict):
             return self._resolve_dict(target, sites, kind)
         if isinstance(target, str):

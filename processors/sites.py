@@ -1,8 +1,15 @@
-"""The attention layers of a diffusers UNet ("sites"), in ``attn_processors`` order.
+"""The attention layers of a diffusers UNet or DiT ("sites"), in ``attn_processors`` order.
 
 A site is named by its ``attn_processors`` key, the name every diffusers API uses.
 Only this module knows how to read those names; the registry and the loader work on
 :class:`AttentionSite` records.
+
+Kinds: a UNet layer is ``"cross"`` or ``"self"``.  A transformer (DiT) layer is
+``"joint"`` (one softmax over [text ; image] with separate text and image weights:
+Flux's double-stream ``transformer_blocks.N``, SD3's joint blocks) or ``"single"``
+(Flux's ``single_transformer_blocks.N``: one stream over [text ; image]).  Every DiT
+layer can hold IP weights (``takes_ip``); which ones a checkpoint fills is the
+loader's business (XLabs Flux: double-stream only).
 """
 from __future__ import annotations
 
@@ -10,14 +17,14 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 #: attn_processors keys under these prefixes are not UNet attention layers
-#: (IP-Adapter Plus' image projection has Attention modules of its own).
-_FOREIGN_PREFIXES = ("encoder_hid_proj.",)
+#: (IP-Adapter Plus' and SD3 IP-Adapters' image projections have Attention modules of their own).
+_FOREIGN_PREFIXES = ("encoder_hid_proj.", "image_proj.")
 
 
 @dataclass(frozen=True)
 class AttentionSite:
     name: str  # attn_processors key: "up_blocks.0.attentions.1.transformer_blocks.0.attn2.processor"
-    kind: str  # "cross" or "self"
+    kind: str  # "cross" or "self" (UNet); "joint" or "single" (DiT)
     heads: int
     head_dim: int
     motion: bool  # inside a motion module (temporal attention of a motion UNet)
@@ -48,15 +55,30 @@ class AttentionSite:
         return not self.name.endswith("attn1.processor") and not self.motion
 
 
+#: diffusers' transformer classes with known sites, by class name (no import needed)
+TRANSFORMER_FAMILIES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+
+
+def transformer_family(model) -> Optional[str]:
+    """``"flux"``, ``"sd3"`` or None (a UNet or anything else), from the model's class."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in TRANSFORMER_FAMILIES:
+            return TRANSFORMER_FAMILIES[cls.__name__]
+    return None
+
+
 def unet_of(model_or_pipeline):
-    """The UNet of a pipeline (``.unet``), or the model itself."""
+    """The denoiser of a pipeline (``.unet``, or ``.transformer`` for DiT pipelines), or
+    the model itself."""
     unet = getattr(model_or_pipeline, "unet", None)
+    if unet is None:
+        unet = getattr(model_or_pipeline, "transformer", None)
     if unet is None:
         unet = model_or_pipeline
     if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
         raise TypeError(
-            "model_or_pipeline: expected a diffusers UNet (with attn_processors) or a pipeline with .unet, "
-            f"got {type(model_or_pipeline).__name__}"
+            "model_or_pipeline: expected a diffusers UNet or transformer (with attn_processors) or a pipeline "
+            f"with .unet or .transformer, got {type(model_or_pipeline).__name__}"
         )
     return unet
 
@@ -66,8 +88,14 @@ def attention_modules(model) -> dict:
     return {name + ".processor": m for name, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "heads")}
 
 
+def _dit_kind(module) -> str:
+    """Joint (own text projections) or single-stream: read from the module, not the name."""
+    return "joint" if getattr(module, "added_kv_proj_dim", None) is not None else "single"
+
+
 def attention_sites(unet) -> List[AttentionSite]:
     modules = attention_modules(unet)
+    dit = transformer_family(unet) is not None
     sites = []
     for name in unet.attn_processors:
         if name.startswith(_FOREIGN_PREFIXES):
@@ -79,7 +107,7 @@ def attention_sites(unet) -> List[AttentionSite]:
         sites.append(
             AttentionSite(
                 name=name,
-                kind="cross" if is_cross else "self",
+                kind=_dit_kind(module) if dit else ("cross" if is_cross else "self"),
                 heads=heads,
                 head_dim=inner // heads if heads else 0,
                 motion="motion_modules" in name.split("."),
