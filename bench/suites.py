@@ -137,6 +137,7 @@ SUITE_CLASSES: Dict[str, str] = {
     "kernel": "instantstyle.bench.suite_kernel:KernelSuite",
     "processor": "instantstyle.bench.suite_processor:ProcessorSuite",
     "unet": "instantstyle.bench.suite_unet:UNetSuite",
+    "host": "instantstyle.bench.suite_host:HostSuite",
 }
 
 

@@ -68,10 +68,17 @@ def _cuda_capability(index: int) -> tuple:
 
 def target_of(device: torch.device) -> Target:
     if device.type == "cuda":
-        return Target("cuda", _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()))
-    return Target(device.type)
+        return _target("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    return _target(device.type, None)
 
 
+@functools.lru_cache(maxsize=None)
+def _target(device_type: str, index: Optional[int]) -> Target:
+    # cached: the dispatch runs at every layer call, where microseconds count
+    return Target(device_type, _cuda_capability(index) if device_type == "cuda" else None)
+
+
+@functools.lru_cache(maxsize=1)
 def triton_available() -> Optional[str]:
     """None if Triton can be imported, else why not."""
     if importlib.util.find_spec("triton") is None:

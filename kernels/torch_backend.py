@@ -90,7 +90,7 @@ def torch_decoupled_attention(inputs: AttentionInputs, attn_mask: Optional[torch
         out = out.to(wide) if out.dtype != wide else (out.clone() if differentiable else out)
     for i, (ik, iv) in enumerate(zip(inputs.ip_k, inputs.ip_v)):
         ip_out = F.scaled_dot_product_attention(q, _heads_first(ik), _heads_first(iv), scale=inputs.sm_scale)
-        weight = inputs.ip_scale[i][:, None, None, None]  # (B, 1, 1, 1), accumulation dtype
+        weight = inputs.ip_scale[i].view(-1, 1, 1, 1)  # (B, 1, 1, 1), accumulation dtype
         if inputs.ip_mask is not None:
             weight = weight * inputs.ip_mask[i][:, None, :, None]  # (B, 1, N, 1)
         if differentiable:
@@ -98,5 +98,7 @@ def torch_decoupled_attention(inputs: AttentionInputs, attn_mask: Optional[torch
         else:
             out.addcmul_(ip_out, weight)
     # (B, H, N, D) -> (B, N, H, D); free when SDPA returned a heads-second layout.
-    out = _heads_first(out.to(inputs.q.dtype)).contiguous()
+    if out.dtype != inputs.q.dtype:
+        out = out.to(inputs.q.dtype)
+    out = _heads_first(out).contiguous()
     return (out, probs) if keep_probs else out

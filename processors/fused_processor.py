@@ -55,10 +55,12 @@ class FusedIPAdapterAttnProcessor(IPAdapterStreams, IPAdapterAttnProcessor2_0):
         IPAdapterAttnProcessor2_0.__init__(self, hidden_size, cross_attention_dim, [num_tokens[a] for a in ids], 1.0)
         self.init_streams(ids, num_tokens, scale)
         self.fallback_reason: Optional[str] = None
+        self.__dict__["__call__"] = _SignedCall(self)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale: float = 1.0, ip_adapter_masks=None):
         layer = parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, self.num_tokens[0], ip_adapter_masks)
-        self.fallback_reason = layer.fallback_reason
+        if self.fallback_reason is not layer.fallback_reason:  # written only on change: nn.Module.__setattr__ is slow
+            self.fallback_reason = layer.fallback_reason
         return project(attn, _run(attn, layer, ((self, 1.0),)), layer)
 
 
@@ -74,22 +76,41 @@ class FusedAttnProcessor(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.fallback_reason: Optional[str] = None
+        self.__dict__["__call__"] = _SignedCall(self)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale: float = 1.0, ip_adapter_masks=None):
         # ``scale`` and ``ip_adapter_masks`` are declared so diffusers passes them without a warning
         layer = parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        self.fallback_reason = layer.fallback_reason
+        if self.fallback_reason is not layer.fallback_reason:
+            self.fallback_reason = layer.fallback_reason
         return project(attn, _run(attn, layer, ()), layer)
 
 
 diffusers_compat.register_processor_classes(FusedIPAdapterAttnProcessor, FusedAttnProcessor)
 
-# diffusers' Attention.forward runs inspect.signature(processor.__call__) on every call (to
-# drop unknown cross_attention_kwargs); a precomputed __signature__ on the function is
-# returned as is, ~25 us less Python per layer call.  (A descriptor returning a pre-bound
-# signature would save ~15 us more, but dynamo can't trace through one.)
-for _cls in (FusedIPAdapterAttnProcessor, FusedAttnProcessor):
-    _cls.__call__.__signature__ = inspect.signature(_cls.__call__)
+class _SignedCall:
+    """What ``processor.__call__`` returns on our processors: the bound call, with its
+    signature precomputed.  diffusers' ``Attention.forward`` runs
+    ``inspect.signature(processor.__call__)`` on every call (to drop unknown
+    ``cross_attention_kwargs``); for a bound method that builds two Signature objects,
+    ~20 us of Python per layer call, while an object with ``__signature__`` is answered at
+    once.  ``processor(...)`` itself never goes through here (Python looks ``__call__`` up
+    on the type)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.__signature__ = _BOUND_SIGNATURES[type(processor)]
+
+    def __call__(self, *args, **kwargs):
+        return type(self.processor).__call__(self.processor, *args, **kwargs)
+
+
+def _bound_signature(cls) -> inspect.Signature:
+    signature = inspect.signature(cls.__call__)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+_BOUND_SIGNATURES = {cls: _bound_signature(cls) for cls in (FusedIPAdapterAttnProcessor, FusedAttnProcessor)}
 
 
 def fallback_reasons(model) -> dict:

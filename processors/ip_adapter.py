@@ -20,6 +20,7 @@ import torch
 from diffusers.image_processor import IPAdapterMaskProcessor
 
 from .contributors import AttentionCall, Contributor
+from .layer_inputs import linear
 from .validation import describe, require_scale
 
 
@@ -98,8 +99,15 @@ class IPAdapterStreams(Contributor):
 
     def _adapter_scale(self, adapter: int, image: int = 0) -> torch.Tensor:
         """0-D tensor: the scale of ``adapter`` (and masked ``image``) times its step gate."""
-        table = self.scale_values
-        value = table[adapter, min(image, table.shape[1] - 1)]
+        bits = self._buffers["scale_bits"]
+        cells = self.__dict__.get("_scale_cells")
+        if cells is None or cells[0] is not bits:  # views of the buffer, rebuilt when it is replaced
+            table = bits.view(torch.float32)
+            cells = (bits, [[table[a, i] for i in range(table.shape[1])] for a in range(table.shape[0])])
+            if not torch.compiler.is_compiling():  # a traced graph must not mutate the module
+                self.__dict__["_scale_cells"] = cells
+        row = cells[1][adapter]
+        value = row[min(image, len(row) - 1)]
         gate = self.gates[adapter] if adapter < len(self.gates) else None
         return value if gate is None else value * gate.value.to(value.device)
 
@@ -137,7 +145,7 @@ class IPAdapterStreams(Contributor):
 
     def _check_scales(self, masks) -> None:
         """Per-image scale lists must match the masks.  Eager only (see the module doc)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not any(isinstance(s, list) for s in self._scale):
             return
         for i, (s, mask) in enumerate(zip(self._scale, masks)):
             if not isinstance(s, list):
@@ -161,7 +169,7 @@ class IPAdapterStreams(Contributor):
                 continue
             states, mask = call.ip_states[adapter], masks[adapter]
             if mask is None:  # all images of the adapter share one softmax
-                k, v = to_k(states).view(batch, -1, heads, head_dim), to_v(states).view(batch, -1, heads, head_dim)
+                k, v = linear(to_k, states).view(batch, -1, heads, head_dim), linear(to_v, states).view(batch, -1, heads, head_dim)
                 out.append((k, v, self._adapter_scale(adapter), None))
                 continue
             for i in range(mask.shape[1]):  # with masks, one softmax, scale and mask per image

@@ -13,6 +13,22 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
+from torch.nn.modules import module as _module
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a projection; a plain ``nn.Linear`` without hooks is called as
+    ``F.linear`` directly.  ``nn.Module.__call__`` costs ~2 us of Python, and a layer call
+    makes six projections.  Anything else (LoRA layers, offload hooks that wrap
+    ``forward``, module or global hooks) goes through the module as usual."""
+    if (type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks
+            or module._backward_hooks or module._backward_pre_hooks) and "forward" not in module.__dict__
+            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                     or _module._global_backward_pre_hooks)):
+        params = module._parameters
+        return F.linear(x, params["weight"], params["bias"])
+    return module(x)
 
 
 @dataclass
@@ -75,12 +91,12 @@ def parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, num_
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-    query = attn.to_q(hidden_states)
+    query = linear(attn.to_q, hidden_states)
     if text_states is None:
         text_states = hidden_states
     elif attn.norm_cross:
         text_states = attn.norm_encoder_hidden_states(text_states)
-    key, value = attn.to_k(text_states), attn.to_v(text_states)
+    key, value = linear(attn.to_k, text_states), linear(attn.to_v, text_states)
     heads = attn.heads
     head_dim = key.shape[-1] // heads
     q = query.view(batch, -1, heads, head_dim)
@@ -119,12 +135,16 @@ def parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, num_
 
 def project(attn, out: torch.Tensor, layer: LayerInputs) -> torch.Tensor:
     """``(B, N, H, D)`` attention output -> the processor's return value."""
-    batch = out.shape[0]
-    hidden_states = out.reshape(batch, out.shape[1], -1).to(layer.q.dtype)
-    hidden_states = attn.to_out[0](hidden_states)
-    hidden_states = attn.to_out[1](hidden_states)  # dropout
+    hidden_states = out.reshape(out.shape[0], out.shape[1], -1)
+    if hidden_states.dtype != layer.q.dtype:
+        hidden_states = hidden_states.to(layer.q.dtype)
+    for module in attn.to_out:  # linear, dropout (iterating: indexing a ModuleList is slow Python)
+        if type(module) is torch.nn.Dropout and (not module.training or module.p == 0):
+            continue  # the identity, minus a module call
+        hidden_states = linear(module, hidden_states)
     if len(layer.input_shape) == 4:
         hidden_states = hidden_states.transpose(-1, -2).reshape(layer.input_shape)
     if attn.residual_connection:
         hidden_states = hidden_states + layer.residual
-    return hidden_states / attn.rescale_output_factor
+    factor = attn.rescale_output_factor
+    return hidden_states if factor == 1.0 else hidden_states / factor

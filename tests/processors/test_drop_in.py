@@ -261,3 +261,42 @@ def test_fused_processor_honours_attention_options(cross, options):
 def test_diffusers_ip_processor_class_is_still_recognised():
     ours, _, _ = pair()
     assert all(isinstance(p, IPAdapterAttnProcessor2_0) for n, p in ours.attn_processors.items() if n.endswith("attn2.processor"))
+
+
+# -- the host-overhead shortcuts stay exact and respect what they skip ---------------------------
+def test_projections_still_go_through_hooks_and_lora_like_modules():
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    x, context = torch.randn(2, 9, 16), torch.randn(2, 5, 12)
+    attn.set_processor(FusedAttnProcessor())
+    with torch.no_grad():
+        plain = attn(x, encoder_hidden_states=context)
+        seen = []
+        handle = attn.to_k.register_forward_hook(lambda m, i, o: seen.append(o.shape) or o * 2)
+        hooked = attn(x, encoder_hidden_states=context)
+        handle.remove()
+
+        class Doubled(torch.nn.Linear):  # a LoRA-style replacement of the projection
+            def forward(self, h):
+                return super().forward(h) * 2
+
+        doubled = Doubled(12, 16, bias=False)
+        doubled.load_state_dict(attn.to_k.state_dict())
+        attn.to_k = doubled
+        replaced = attn(x, encoder_hidden_states=context)
+    assert seen == [(2, 5, 16)]
+    check_close(hooked, replaced, "fp32")
+    assert (hooked - plain).abs().max() > 1e-3
+
+
+def test_processor_call_keeps_its_signature_and_binding_through_copies():
+    import inspect
+
+    proc = FusedIPAdapterAttnProcessor(16, 12, num_tokens=(4,), scale=0.5)
+    expected = list(inspect.signature(IPAdapterAttnProcessor2_0.__call__).parameters)[1:]
+    for candidate in (proc, copy.deepcopy(proc), pickle.loads(pickle.dumps(proc))):
+        assert list(inspect.signature(candidate.__call__).parameters) == expected
+        assert candidate.__call__.processor is candidate
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    x, context = torch.randn(2, 9, 16), (torch.randn(2, 5, 12), [torch.randn(2, 1, 4, 12)])
+    with torch.no_grad():
+        check_close(proc.__call__(attn, x, context), proc(attn, x, context), "fp32")
