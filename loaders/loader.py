@@ -23,9 +23,11 @@ from .checkpoints import layer_ids, layer_weights, num_image_tokens, read_checkp
 from ..processors import diffusers_compat
 from ..processors.fused_processor import FusedIPAdapterAttnProcessor
 from ..processors.gating import StepGate
+from ..processors.image_projection import CachedImageProjection
 from ..processors.model_state import ensure_step_hook
 from ..processors.registry import registry_of
-from ..processors.sites import ip_key_ids, ip_sites, unet_of
+from ..processors.sites import ip_key_ids, ip_sites, transformer_family, unet_of
+from .transformer import load_transformer_ip_adapter
 from ..processors.validation import require_scale
 
 
@@ -153,6 +155,9 @@ def load_ip_adapter(
     """
     from .hub import attach_image_encoder, resolve_checkpoints
 
+    if transformer_family(unet_of(model_or_pipeline)) is not None:  # Flux / SD3.5: loaders/transformer.py
+        return load_transformer_ip_adapter(model_or_pipeline, checkpoint, target, scale, subfolder=subfolder, weight_name=weight_name,
+                                           start_at=start_at, end_at=end_at, arch=arch, **hub_kwargs)
     unet = unet_of(model_or_pipeline)
     checkpoints = resolve_checkpoints(checkpoint, subfolder, weight_name, **hub_kwargs)  # files or state dicts
     if checkpoints:  # before the UNet is touched; a failure here leaves the pipeline as it was
@@ -212,8 +217,6 @@ def load_ip_adapter(
         procs[site.name] = proc
         held_params += len(held) * layer_params(site)
 
-    from diffusers.models.embeddings import MultiIPAdapterImageProjection
-
     projections = []
     for state, source in states:
         try:
@@ -229,7 +232,7 @@ def load_ip_adapter(
     diffusers_compat.register_processor_classes()  # diffusers modules imported since
     unet.set_attn_processor(procs)
     # (diffusers then calls unet.to(...), which warns about fp32 modules; only new modules need moving)
-    unet.encoder_hid_proj = MultiIPAdapterImageProjection(projections).to(device=unet.device, dtype=unet.dtype)
+    unet.encoder_hid_proj = CachedImageProjection(projections).to(device=unet.device, dtype=unet.dtype)
     unet.config.encoder_hid_dim_type = "ip_image_proj"
     if any(g is not None for g in gates):
         ensure_step_hook(unet)

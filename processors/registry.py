@@ -191,7 +191,8 @@ class InjectionRegistry:
                 continue
             for a in getattr(proc, "adapter_ids", ()):
                 name = f"ip_adapter[{a}]"
-                found.setdefault(name, Injection(name, "cross", {}, dict(self.labels.get(name, {})))).weights[s.name] = proc.scale[a]
+                scale = proc.scale[a] if isinstance(proc.scale, (list, tuple)) else proc.scale  # SD3: one float
+                found.setdefault(name, Injection(name, "cross", {}, dict(self.labels.get(name, {})))).weights[s.name] = scale
             for entry in attached_at(s.module):
                 c = entry.contributor
                 name = f"method:{c.name}"

@@ -10,6 +10,12 @@ Example:
     instantstyle blocks --arch sdxl --preset style
     instantstyle blocks --arch sd15 --preset style+layout --json
     instantstyle blocks --arch sdxl --target up_blocks.0.attentions.1 --cross-only
+    instantstyle blocks --arch flux --preset style          # InstantX FLUX.1-dev layout
+    instantstyle blocks --arch flux --preset double --format xlabs
+    instantstyle blocks --arch sd3 --preset all
+
+Transformers (flux, sd3) list joint/single layers; "queries" is the joint sequence
+(image + text tokens) at 1024 px.
 """
 from __future__ import annotations
 
@@ -26,13 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preset", default=None, help="preset to inject IP-Adapter into (style, layout, style+layout, all)")
     group.add_argument("--target", nargs="+", default=None, metavar="PATTERN", help="module-path patterns instead of a preset")
     parser.add_argument("--cross-only", action="store_true", help="list cross-attention modules only")
+    parser.add_argument("--format", choices=("xlabs", "instantx"), default=None,
+                        help="flux: IP-Adapter layout the parameter counts assume (default instantx: double + single blocks)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
 
 
-def describe_blocks(arch: str, target=None, cross_only: bool = False):
+def describe_blocks(arch: str, target=None, cross_only: bool = False, fmt=None):
     """``(rows, summary)`` for ``arch`` with IP-Adapter injected at ``target`` (None: nothing)."""
     from .loaders import ip_param_counts
-    from .processors.architectures import build_meta_unet
+    from .loaders.transformer import transformer_ip_param_counts
+    from .processors.architectures import TRANSFORMER_ARCHS, build_meta_unet
     from .processors.registry import registry_of
 
     unet = build_meta_unet(arch)
@@ -41,7 +50,12 @@ def describe_blocks(arch: str, target=None, cross_only: bool = False):
     planned = {}
     if target is not None:
         planned["ip_adapter[0]"] = registry.resolve(target, "cross")
-        counts = ip_param_counts(unet, target)
+        if arch in TRANSFORMER_ARCHS:
+            fmt = "instantx-sd3" if arch == "sd3" else (fmt or "instantx")
+            counts = transformer_ip_param_counts(unet, target, fmt)
+            summary["format"] = fmt
+        else:
+            counts = ip_param_counts(unet, target)
         summary.update(
             ip_params=counts["held"],
             ip_params_all_layers=counts["all_layers"],
@@ -64,7 +78,7 @@ def _table(rows, summary) -> str:
         fp16 = 2 * (summary["ip_params_all_layers"] - summary["ip_params"])
         lines.append(
             f"\n{summary['arch']} target {summary['target']!r}: IP weights in {summary['ip_layers']} of "
-            f"{summary['ip_layers_all']} cross-attention layers, {summary['ip_params']:,} of "
+            f"{summary['ip_layers_all']} {'attention' if 'format' in summary else 'cross-attention'} layers, {summary['ip_params']:,} of "
             f"{summary['ip_params_all_layers']:,} parameters ({fp16 / 2**20:.1f} MiB saved in fp16)"
         )
     return "\n".join(lines)
@@ -73,7 +87,7 @@ def _table(rows, summary) -> str:
 def run(args) -> int:
     target = args.target if args.target else args.preset
     try:
-        rows, summary = describe_blocks(args.arch, target, args.cross_only)
+        rows, summary = describe_blocks(args.arch, target, args.cross_only, getattr(args, "format", None))
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
