@@ -65,6 +65,14 @@ def targeted_processor_class():
     return getattr(procs, "FusedAttnProcessor", None)
 
 
+def _original_image_proj(projection) -> dict:
+    """diffusers' ``ImageProjection`` weights under the original IP-Adapter checkpoint's names."""
+    layer = projection.image_projection_layers[0]
+    weights = {"proj.weight": layer.image_embeds.weight, "proj.bias": layer.image_embeds.bias,
+               "norm.weight": layer.norm.weight, "norm.bias": layer.norm.bias}
+    return {k: v.detach().float().cpu() for k, v in weights.items()}
+
+
 def _in_blocks(name: str, prefixes: Optional[List[str]]) -> bool:
     return prefixes is None or any(name.startswith(p + ".") for p in prefixes)
 
@@ -114,9 +122,13 @@ class _UNetBench:
 
     def set_ip(self, unet, cls, prefixes: Optional[List[str]], untargeted=None):
         """IP processors ``cls`` in every attn2, scale 1 inside ``prefixes`` and 0 outside
-        (diffusers' gating); or, with ``untargeted``, that processor class outside."""
+        (diffusers' gating); or, with ``untargeted``, what users get from
+        ``instantstyle.load_ip_adapter(target=...)``: the same weights, loaded into the
+        targets only."""
         from diffusers.models.attention_processor import AttnProcessor2_0
 
+        if untargeted is not None:
+            return self._load_targeted(unet, prefixes)
         procs = {}
         for name in unet.attn_processors:
             if name not in self.attn2:
@@ -139,9 +151,24 @@ class _UNetBench:
         unet.encoder_hid_proj = self.ip_proj
         unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
 
+    def _load_targeted(self, unet, prefixes: Optional[List[str]]) -> None:
+        from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+        from ..loaders import load_ip_adapter
+
+        self.set_ip(unet, IPAdapterAttnProcessor2_0, prefixes)  # makes every layer's weights, as diffusers' case has them
+        layers = unet.attn_processors
+        checkpoint = {"image_proj": _original_image_proj(self.ip_proj), "ip_adapter": {}}
+        for i, name in enumerate(self.attn2):  # the original layout's ids: 1, 3, 5, ... over attn2 layers
+            for part in ("to_k_ip", "to_v_ip"):
+                checkpoint["ip_adapter"][f"{2 * i + 1}.{part}.weight"] = getattr(layers[name], part)[0].weight.detach().float().cpu()
+        load_ip_adapter(unet, checkpoint, target=list(prefixes) if prefixes else "all")
+
     def step(self, unet, ip: bool):
         added = dict(self.added, image_embeds=self.image_embeds) if ip else self.added
-        with torch.inference_mode():
+        # no_grad, as diffusers' pipelines run the UNet (inference_mode tensors carry no
+        # version counter, so instantstyle's per-run caches stay off under it)
+        with torch.no_grad():
             return unet(self.sample, self.timestep, encoder_hidden_states=self.text,
                              added_cond_kwargs=added, return_dict=False)[0]
 

@@ -10,9 +10,11 @@ from diffusers.models.attention_processor import (
     IPAdapterAttnProcessor2_0,
     IPAdapterXFormersAttnProcessor,
 )
+from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
 from . import diffusers_compat
 from .fused_processor import FusedAttnProcessor, FusedIPAdapterAttnProcessor
+from .image_projection import CachedImageProjection
 from .model_state import runs_pipeline
 from .sites import ip_sites, transformer_family, unet_of
 
@@ -113,4 +115,7 @@ def use_fused_processors(model_or_pipeline) -> dict:
         replaced[site.name] = proc
     if replaced:
         unet.set_attn_processor(new)
+    if type(getattr(unet, "encoder_hid_proj", None)) is MultiIPAdapterImageProjection:
+        # same layers, projected once per run instead of once per step (``step_cache``)
+        unet.encoder_hid_proj = CachedImageProjection.wrapping(unet.encoder_hid_proj)
     return replaced

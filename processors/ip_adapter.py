@@ -21,7 +21,12 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 
 from .contributors import AttentionCall, Contributor
 from .layer_inputs import linear
+from .step_cache import StepCache
 from .validation import describe, require_scale
+
+
+def _weights(module) -> list:
+    return [p for p in module._parameters.values() if p is not None]
 
 
 class ScaleList(list):
@@ -63,6 +68,7 @@ class IPAdapterStreams(Contributor):
         self.num_tokens = num_tokens
         self.scale = scale
         self.gates: List = [None] * n
+        self.kv_caches = [StepCache() for _ in adapter_ids]  # per held adapter: K/V of unchanged IP tokens
 
     # -- scales ---------------------------------------------------------------------------
     @property
@@ -104,7 +110,9 @@ class IPAdapterStreams(Contributor):
         if cells is None or cells[0] is not bits:  # views of the buffer, rebuilt when it is replaced
             table = bits.view(torch.float32)
             cells = (bits, [[table[a, i] for i in range(table.shape[1])] for a in range(table.shape[0])])
-            if not torch.compiler.is_compiling():  # a traced graph must not mutate the module
+            # not inside a traced graph (it must not mutate the module), nor in inference
+            # mode (views made there can't join autograd later)
+            if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
                 self.__dict__["_scale_cells"] = cells
         row = cells[1][adapter]
         value = row[min(image, len(row) - 1)]
@@ -164,13 +172,14 @@ class IPAdapterStreams(Contributor):
         batch, n, heads, head_dim = call.q.shape
         out = []  # (ip_k, ip_v, scale, mask): one softmax each
         # zip over the ModuleLists: indexing one costs microseconds of Python per call
-        for adapter, to_k, to_v in zip(self.adapter_ids, self.to_k_ip, self.to_v_ip):
+        for adapter, to_k, to_v, cache in zip(self.adapter_ids, self.to_k_ip, self.to_v_ip, self.kv_caches):
             if adapter >= len(call.ip_states) or self._is_off(adapter):
                 continue
             states, mask = call.ip_states[adapter], masks[adapter]
             if mask is None:  # all images of the adapter share one softmax
-                k, v = linear(to_k, states).view(batch, -1, heads, head_dim), linear(to_v, states).view(batch, -1, heads, head_dim)
-                out.append((k, v, self._adapter_scale(adapter), None))
+                project = lambda: (linear(to_k, states), linear(to_v, states))  # noqa: E731
+                k, v = cache.get((states, *_weights(to_k), *_weights(to_v)), project)
+                out.append((k.view(batch, -1, heads, head_dim), v.view(batch, -1, heads, head_dim), self._adapter_scale(adapter), None))
                 continue
             for i in range(mask.shape[1]):  # with masks, one softmax, scale and mask per image
                 m = IPAdapterMaskProcessor.downsample(mask[:, i], batch, n, 1).reshape(batch, n)

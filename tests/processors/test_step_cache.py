@@ -1,0 +1,111 @@
+"""Per-run caches: the image projection and each layer's IP K/V are computed once while
+the embeddings and weights are the same, unmodified tensors, and recomputed otherwise."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers.loaders import IPAdapterMixin
+from ip_fixtures import image_embeds, random_checkpoint, tiny_unet, unet_inputs
+
+from instantstyle.kernels import check_close
+from instantstyle.loaders import load_ip_adapter
+from instantstyle.processors import use_fused_processors
+from instantstyle.processors.image_projection import CachedImageProjection
+
+
+class Pipe(IPAdapterMixin):
+    def __init__(self, unet):
+        self.unet = unet
+
+
+def _loaded(target="style+layout"):
+    unet = tiny_unet("sdxl")
+    load_ip_adapter(unet, random_checkpoint(unet, seed=3), target=target)
+    return unet
+
+
+def _step(unet, embeds, timestep=500, mode=torch.no_grad):
+    kwargs = unet_inputs(unet)
+    kwargs["timestep"] = torch.tensor(timestep)
+    kwargs["added_cond_kwargs"]["image_embeds"] = embeds
+    with mode():
+        return unet(**kwargs).sample
+
+
+def _fresh(unet, embeds, **kw):
+    """The same step on an uncached copy of the model and of the embeddings."""
+    return _step(copy.deepcopy(unet), [e.clone() for e in embeds], **kw)
+
+
+def _count_projections(unet):
+    calls = []
+    for layer in unet.encoder_hid_proj.image_projection_layers:
+        layer.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_projection_and_kv_run_once_per_run_and_match_uncached():
+    unet = _loaded()
+    assert isinstance(unet.encoder_hid_proj, CachedImageProjection)
+    calls = _count_projections(unet)
+    embeds = [image_embeds(2, 1, seed=7)]
+    outs = [_step(unet, embeds, timestep=t) for t in (900, 500, 100)]
+    assert len(calls) == 1
+    for out, t in zip(outs, (900, 500, 100)):
+        check_close(out, _fresh(unet, embeds, timestep=t), "fp32")
+
+
+@pytest.mark.parametrize("change", ["embeds in place", "new embeds", "weight in place", "projection weight in place"])
+def test_any_change_is_seen(change):
+    unet = _loaded()
+    embeds = [image_embeds(2, 1, seed=7)]
+    first = _step(unet, embeds)
+    with torch.no_grad():
+        if change == "embeds in place":
+            embeds[0].mul_(-1)
+        elif change == "new embeds":
+            embeds = [image_embeds(2, 1, seed=8)]
+        elif change == "weight in place":
+            proc = unet.attn_processors["up_blocks.0.attentions.1.transformer_blocks.0.attn2.processor"]
+            proc.to_k_ip[0].weight.mul_(3)
+        else:
+            next(unet.encoder_hid_proj.parameters()).mul_(3)
+    second = _step(unet, embeds)
+    assert (second - first).abs().max() > 1e-4
+    check_close(second, _fresh(unet, embeds), "fp32")
+
+
+def test_scales_are_never_cached():
+    unet = _loaded()
+    embeds = [image_embeds(2, 1, seed=7)]
+    _step(unet, embeds)
+    Pipe(unet).set_ip_adapter_scale(0.25)
+    check_close(_step(unet, embeds), _fresh(unet, embeds), "fp32")
+
+
+def test_inference_mode_and_grad_are_uncached_but_correct():
+    unet = _loaded()
+    calls = _count_projections(unet)
+    with torch.inference_mode():
+        embeds = [image_embeds(2, 1, seed=7)]
+        outs = [_step(unet, embeds, mode=torch.inference_mode) for _ in range(2)]
+    assert len(calls) == 2  # inference tensors keep no version counter: no caching
+    check_close(outs[1], outs[0], "fp32")
+    embeds = [image_embeds(2, 1, seed=7).requires_grad_()]
+    _step(unet, embeds, mode=torch.enable_grad)
+    _step(unet, embeds, mode=torch.enable_grad)
+    assert len(calls) == 4  # autograd records: no caching
+
+
+def test_use_fused_processors_caches_diffusers_projection_too():
+    unet = tiny_unet("sdxl")
+    ref = copy.deepcopy(unet)
+    unet._load_ip_adapter_weights([random_checkpoint(unet, seed=3)])
+    ref._load_ip_adapter_weights([random_checkpoint(ref, seed=3)])
+    use_fused_processors(unet)
+    assert isinstance(unet.encoder_hid_proj, CachedImageProjection)
+    embeds = [image_embeds(2, 1, seed=7)]
+    for t in (900, 100):
+        check_close(_step(unet, embeds, timestep=t), _step(ref, embeds, timestep=t), "fp32")
