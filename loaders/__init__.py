@@ -3,7 +3,7 @@
 - :func:`load_ip_adapter` / :class:`LoadReport` / :func:`ip_param_counts` (``loader``).
 - :func:`read_checkpoint` and the original IP-Adapter layout (``checkpoints``).
 """
-from .._lazy import lazy_exports
+from ..kernels.lazy import lazy_exports
 
 _EXPORTS = {
     "load_ip_adapter": ".loader",

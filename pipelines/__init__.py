@@ -3,7 +3,7 @@
 Names are imported on first use: they pull in diffusers and transformers (seconds), which
 ``instantstyle --help`` and the other subcommands should not pay for.
 """
-from .._lazy import lazy_exports
+from ..kernels.lazy import lazy_exports
 
 _LAZY = {
     "InstantStyle": "instantstyle.pipelines.instantstyle",

@@ -6,14 +6,13 @@
 - :class:`InjectionRegistry` / :func:`registry_of`: targets (presets, patterns,
   ``set_ip_adapter_scale`` dicts) and what is injected where (``registry``).
 - :class:`StepGate`: active range over the denoising schedule (``gating``).
-- :class:`EditingMethod`, :func:`apply_method`, :class:`StyleAligned`,
-  :class:`VisualStylePrompting`, :class:`AttentionMapCapture`: other attention-editing
-  methods on the same registry and op (``methods``).
+- ``processors.methods`` (the layer above): :class:`EditingMethod`, :func:`apply_method`,
+  :class:`StyleAligned`, :class:`VisualStylePrompting`, :class:`AttentionMapCapture`.
 
 Names resolve lazily: most modules import diffusers (seconds), which the ``instantstyle``
 CLI should not pay for when it only builds its argument parser.
 """
-from .._lazy import lazy_exports
+from ..kernels.lazy import lazy_exports
 
 _EXPORTS = {
     "FusedIPAdapterAttnProcessor": ".fused_processor",
@@ -34,16 +33,6 @@ _EXPORTS = {
     "ip_sites": ".sites",
     "ip_key_ids": ".sites",
     "Contributor": ".contributors",
-    "EditingMethod": ".methods",
-    "AttentionCall": ".methods",
-    "apply_method": ".methods",
-    "remove_method": ".methods",
-    "reset_steps": ".methods",
-    "applied_methods": ".methods",
-    "StyleAligned": ".methods",
-    "VisualStylePrompting": ".methods",
-    "AttentionMapCapture": ".methods",
-    "save_heatmaps": ".methods",
 }
 
 __all__ = list(_EXPORTS)

@@ -3,8 +3,8 @@
 The README is executed as written; the harness only supplies stand-ins for what a reader
 has and CI lacks: a local hub cache (HF_HUB_OFFLINE=1) holding a tiny SDXL pipeline as
 ``stabilityai/stable-diffusion-xl-base-1.0`` and a tiny IP-Adapter + image encoder as
-``h94/IP-Adapter``, the files the examples name in the working directory, ``embeds`` for the
-methods example, and ``"cuda"``/float16 -> CPU/float32.  A block that fails fails this test
+``h94/IP-Adapter``, the files the examples name in the working directory, and
+``"cuda"``/float16 -> CPU/float32.  A block that fails fails this test
 with the block's README line and the error.
 """
 import importlib.util
@@ -16,28 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 REV = "0" * 40
-PROJ = 24  # the tiny image encoder's projected width (tests/pipelines/conftest.py)
 
 #: harness-side substitutions: the README stays as a reader runs it on a GPU
 SUBSTITUTIONS = [('"cuda"', '"cpu"'), ("torch.float16", "torch.float32")]
-PRELUDE = f"""
-import torch
-# the methods example's `embeds`: ip_adapter_image_embeds for 3 prompts with CFG (negatives first)
-embeds = [torch.zeros(6, 1, {PROJ})]
-"""
-
-#: blocks that fail for a reason in the README itself, pending a fix by the section's owner:
-#: snippet that identifies the block -> why it fails
-KNOWN_BROKEN = {
-    'pipe("a cat wearing a hat")': "calls the pipeline without ip_adapter_image(_embeds) while an IP-Adapter is loaded",
-    "apply_method(pipe, MutualSelfAttention())": "calls the pipeline without ip_adapter_image(_embeds) while an "
-                                                 "IP-Adapter is loaded",
-}
+PRELUDE = ""  # the README defines every name it uses
 
 RUNNER = r'''
 import json, sys, traceback
@@ -113,8 +99,4 @@ def test_every_python_block_of_the_readme_runs(tmp_path):
     assert len(results) == len(blocks)
     by_line = dict(blocks)
     failed = [r for r in results if not r["ok"]]
-    unknown = [r for r in failed if not any(snippet in by_line[r["line"]] for snippet in KNOWN_BROKEN)]
-    assert not unknown, "\n\n".join(f"README.md:{r['line']}:\n{r['error']}" for r in unknown)
-    if failed:  # reported, owned by the methods section's author; remove from KNOWN_BROKEN once fixed
-        pytest.xfail("known broken README blocks: " + "; ".join(
-            f"line {r['line']}: {next(v for k, v in KNOWN_BROKEN.items() if k in by_line[r['line']])}" for r in failed))
+    assert not failed, "\n\n".join(f"README.md:{r['line']}:\n{r['error']}\n{by_line[r['line']][:200]}" for r in failed)

@@ -1,5 +1,5 @@
 """instantstyle: fused decoupled cross-attention for IP-Adapter / InstantStyle."""
-from ._lazy import lazy_exports
+from .kernels.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -10,7 +10,7 @@ _LAZY = {
     "load_ip_adapter": "instantstyle.loaders",
     "FusedIPAdapterAttnProcessor": "instantstyle.processors",
     "registry_of": "instantstyle.processors",
-    "apply_method": "instantstyle.processors",
-    "remove_method": "instantstyle.processors",
+    "apply_method": "instantstyle.processors.methods",
+    "remove_method": "instantstyle.processors.methods",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -216,7 +216,7 @@ class MutualSelfAttention(EditingMethod):
 def one_layer(unet, method, ref_processor, dtype, batch=4, tokens=16, seed=0):
     """``(ours, expected)``: one of ``method``'s layers run in ``dtype`` with the method
     applied, and the same layer in float64 with ``ref_processor``."""
-    from instantstyle.processors import apply_method
+    from instantstyle.processors.methods import apply_method
 
     injection = apply_method(unet, method)
     name = next(iter(injection.weights))

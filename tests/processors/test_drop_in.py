@@ -19,16 +19,8 @@ from ip_fixtures import image_embeds, random_checkpoint, tiny_unet, unet_inputs
 
 from instantstyle.kernels import check_close
 from instantstyle.loaders import load_ip_adapter
-from instantstyle.processors import (
-    AttentionMapCapture,
-    FusedAttnProcessor,
-    FusedIPAdapterAttnProcessor,
-    StyleAligned,
-    apply_method,
-    applied_methods,
-    registry_of,
-    remove_method,
-)
+from instantstyle.processors import FusedAttnProcessor, FusedIPAdapterAttnProcessor, registry_of
+from instantstyle.processors.methods import AttentionMapCapture, StyleAligned, apply_method, applied_methods, remove_method
 
 STYLE = {"up": {"block_0": [0.0, 1.0, 0.0]}}
 

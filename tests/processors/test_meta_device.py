@@ -12,7 +12,7 @@ from method_cases import MutualSelfAttention
 
 from instantstyle.kernels import decoupled_attention
 from instantstyle.loaders import load_ip_adapter
-from instantstyle.processors import AttentionMapCapture, EditingMethod, StyleAligned, VisualStylePrompting, apply_method
+from instantstyle.processors.methods import AttentionMapCapture, EditingMethod, StyleAligned, VisualStylePrompting, apply_method
 
 
 class FloatStream(EditingMethod):

@@ -12,7 +12,7 @@ from method_cases import RefCrossCapture, run, with_processors
 
 import instantstyle.processors.pipeline as compose
 from instantstyle.kernels import check_close
-from instantstyle.processors import AttentionMapCapture, apply_method, save_heatmaps
+from instantstyle.processors.methods import AttentionMapCapture, apply_method, save_heatmaps
 from instantstyle.processors.methods import reset_steps
 from instantstyle.processors.methods.attention_maps import colorize
 

@@ -22,15 +22,8 @@ from test_unet_parity import diffusers_loaded
 import instantstyle.processors.pipeline as compose
 from instantstyle.kernels import check_close
 from instantstyle.loaders import load_ip_adapter
-from instantstyle.processors import (
-    AttentionMapCapture,
-    EditingMethod,
-    StyleAligned,
-    VisualStylePrompting,
-    apply_method,
-    registry_of,
-    remove_method,
-)
+from instantstyle.processors import registry_of
+from instantstyle.processors.methods import AttentionMapCapture, EditingMethod, StyleAligned, VisualStylePrompting, apply_method, remove_method
 from instantstyle.processors.methods import applied_methods, reference_rows
 
 STYLE = {"up": {"block_0": [0.0, 1.0, 0.0]}}  # SDXL "style" as a set_ip_adapter_scale dict

@@ -9,7 +9,8 @@ from ip_fixtures import tiny_unet
 from method_cases import RefStyleAligned, one_layer, run, share_norms, with_processors
 
 from instantstyle.kernels import check_close
-from instantstyle.processors import StyleAligned, apply_method, registry_of, remove_method
+from instantstyle.processors import registry_of
+from instantstyle.processors.methods import StyleAligned, apply_method, remove_method
 from instantstyle.processors.methods.shared_norms import share_group_norms, unshare_group_norms
 from instantstyle.processors.methods.style_aligned import switch_vector
 

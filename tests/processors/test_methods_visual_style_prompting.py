@@ -9,7 +9,8 @@ from ip_fixtures import tiny_unet
 from method_cases import RefVisualStylePrompting, one_layer, run, with_processors
 
 from instantstyle.kernels import check_close
-from instantstyle.processors import VisualStylePrompting, apply_method, registry_of
+from instantstyle.processors import registry_of
+from instantstyle.processors.methods import VisualStylePrompting, apply_method
 
 
 @pytest.mark.parametrize("arch, cfg, batch", [("sdxl", True, 4), ("sdxl", False, 3), ("sd15", True, 4)])
