@@ -79,6 +79,9 @@ class IPAdapterStreams(Contributor):
     def scale(self, value):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"scale: expected a list with one entry per IP-Adapter, got {describe(value)}")
+        adapters = len(self.__dict__.get("num_tokens", value))
+        if len(value) != adapters:
+            raise ValueError(f"scale: expected one entry per IP-Adapter ({adapters}), got {len(value)}: {list(value)}")
         self._scale = ScaleList([require_scale(f"scale[{i}]", v) for i, v in enumerate(value)], self)
         self._sync_scale()
 

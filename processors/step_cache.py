@@ -13,7 +13,9 @@ in-place write), and the same for the weights.  It never caches
 - while autograd records (training, or inputs that require grad);
 - inference-mode tensors (they keep no version counter, so an in-place edit inside
   ``torch.inference_mode()`` could not be seen);
-- inside ``torch.compile`` (a traced graph must not keep Python state).
+- inside ``torch.compile`` (a traced graph must not keep Python state);
+- while a CUDA graph is being captured (the projections must be in the graph, so that
+  replays with new embeddings written into the same tensors recompute them).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 
 
 def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return False
     grad = torch.is_grad_enabled()
     return all(isinstance(t, torch.Tensor) and not t.is_inference() and not (grad and t.requires_grad) for t in tensors)

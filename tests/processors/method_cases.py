@@ -228,3 +228,15 @@ def one_layer(unet, method, ref_processor, dtype, batch=4, tokens=16, seed=0):
     hidden = torch.randn(batch, tokens, attn.to_q.in_features, generator=g, dtype=torch.float64)
     with torch.no_grad():
         return attn(hidden.to(dtype)), ref(hidden)
+
+
+class FloatStream(EditingMethod):
+    """A user method whose ``streams()`` returns a plain float scale (which the dispatch
+    once turned into a CPU tensor: a device error or a copy per call on a GPU)."""
+
+    name = "float_stream"
+    kind = "cross"
+    default_target = "style"
+
+    def streams(self, call):
+        return [(call.k, call.v, 0.5)]

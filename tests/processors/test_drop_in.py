@@ -292,3 +292,19 @@ def test_processor_call_keeps_its_signature_and_binding_through_copies():
     x, context = torch.randn(2, 9, 16), (torch.randn(2, 5, 12), [torch.randn(2, 1, 4, 12)])
     with torch.no_grad():
         check_close(proc.__call__(attn, x, context), proc(attn, x, context), "fp32")
+
+
+def test_a_scale_list_of_the_wrong_length_is_refused_and_changes_nothing():
+    proc = FusedIPAdapterAttnProcessor(16, 12, num_tokens=(4, 16), scale=[0.5, 1.0])
+    with pytest.raises(ValueError, match=r"scale: expected one entry per IP-Adapter \(2\), got 3"):
+        proc.scale = [0.5, 0.5, 0.5]
+    assert list(proc.scale) == [0.5, 1.0] and proc.scale_values[:, 0].tolist() == [0.5, 1.0]
+
+
+def test_disable_xformers_with_target_all_keeps_the_gates():
+    unet = tiny_unet("sdxl")
+    ours = copy.deepcopy(unet)
+    load_ip_adapter(ours, random_checkpoint(unet, seed=3), target="all", start_at=0.3)  # closed at t=999
+    ours.disable_xformers_memory_efficient_attention()  # dropped the gates before
+    check_close(forward(ours, timestep=999), forward(unet, timestep=999, ip=False), "fp32")
+    assert (forward(ours) - forward(unet, ip=False)).abs().max() > 1e-4  # open at t=500

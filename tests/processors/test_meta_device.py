@@ -8,22 +8,11 @@ import pytest
 import torch
 from device_checks import CpuOps, to_meta
 from ip_fixtures import image_embeds, random_checkpoint, tiny_unet, unet_inputs
-from method_cases import MutualSelfAttention
+from method_cases import FloatStream, MutualSelfAttention
 
 from instantstyle.kernels import decoupled_attention
 from instantstyle.loaders import load_ip_adapter
 from instantstyle.processors.methods import AttentionMapCapture, EditingMethod, StyleAligned, VisualStylePrompting, apply_method
-
-
-class FloatStream(EditingMethod):
-    """A user method whose ``streams()`` returns a plain float scale (once a CPU tensor)."""
-
-    name = "float_stream"
-    kind = "cross"
-    default_target = "style"
-
-    def streams(self, call):
-        return [(call.k, call.v, 0.5)]
 
 
 class HostTimestep(EditingMethod):
