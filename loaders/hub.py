@@ -150,8 +150,9 @@ def attach_image_encoder(pipe, sources, subfolder=None, image_encoder_folder: Op
     """Give ``pipe`` an image encoder and feature extractor as diffusers' ``load_ip_adapter`` does.
 
     Only a pipeline with an empty ``image_encoder`` slot gets one, loaded from the first source
-    (``CLIPVisionModelWithProjection``, the pipeline's dtype and device); a missing
-    ``feature_extractor`` becomes a ``CLIPImageProcessor`` at the encoder's image size.  Both are
+    (``CLIPVisionModelWithProjection``, or ``SiglipVisionModel`` when the folder's config is
+    SigLIP's, as for InstantX Flux/SD3.5; the pipeline's dtype and device); a missing
+    ``feature_extractor`` becomes CLIP's (SigLIP's) image processor at the encoder's image size.  Both are
     registered with ``register_modules`` so ``save_pretrained``/``to``/offloading see them.
     ``image_encoder_folder=None`` skips it.  State dicts carry no encoder; for a checkpoint file the
     folder is optional (looked up next to the file), for hub ids and folders it is required.
@@ -174,17 +175,37 @@ def attach_image_encoder(pipe, sources, subfolder=None, image_encoder_folder: Op
     return True
 
 
-def load_pretrained_encoder(name: str, subfolder: Optional[str] = None, dtype=None, **hub_kwargs):
-    """``CLIPVisionModelWithProjection.from_pretrained`` with a message that tells a missing local
-    folder from a hub failure."""
-    from transformers import CLIPVisionModelWithProjection
+def _vision_model_class(name: str, subfolder: Optional[str], **hub_kwargs):
+    """CLIP (``CLIPVisionModelWithProjection``: SD, SDXL, XLabs Flux) or SigLIP
+    (``SiglipVisionModel``: InstantX Flux and SD3.5), read from the folder's config so a
+    SigLIP encoder is never loaded into CLIP's class with random weights."""
+    from transformers import CLIPVisionModelWithProjection, PretrainedConfig
 
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name, subfolder=subfolder or "", **hub_kwargs)
+    except OSError:
+        return CLIPVisionModelWithProjection  # from_pretrained reports the missing folder/file
+    if str(config.get("model_type", "")).startswith("siglip"):
+        from transformers import SiglipVisionModel
+
+        return SiglipVisionModel
+    return CLIPVisionModelWithProjection
+
+
+def is_siglip(encoder) -> bool:
+    return str(getattr(getattr(encoder, "config", None), "model_type", "")).startswith("siglip")
+
+
+def load_pretrained_encoder(name: str, subfolder: Optional[str] = None, dtype=None, **hub_kwargs):
+    """The image encoder of an IP-Adapter (CLIP with projection, or SigLIP's vision tower),
+    with a message that tells a missing local folder from a hub failure."""
     local = os.path.isdir(name) or looks_local(name)
     if local and not os.path.isdir(_join(name, subfolder)):
         raise FileNotFoundError(f"image encoder: no such folder {_join(name, subfolder)!r}")
+    hub_kwargs = check_hub_kwargs(hub_kwargs)
     try:
-        return CLIPVisionModelWithProjection.from_pretrained(name, subfolder=subfolder or "", dtype=dtype,
-                                                             **check_hub_kwargs(hub_kwargs))
+        cls = _vision_model_class(name, subfolder, **hub_kwargs)
+        return cls.from_pretrained(name, subfolder=subfolder or "", dtype=dtype, **hub_kwargs)
     except OSError as exc:
         where = "folder" if local else "hub id"
         raise HubDownloadError(f"image encoder: could not load {_join(name, subfolder)!r} ({where}): "
@@ -192,23 +213,29 @@ def load_pretrained_encoder(name: str, subfolder: Optional[str] = None, dtype=No
 
 
 def default_image_processor(encoder):
-    """The processor IP-Adapter's ``image_encoder`` folders lack: CLIP's, at the encoder's size."""
+    """The processor IP-Adapter's ``image_encoder`` folders lack: CLIP's (or SigLIP's, for a
+    SigLIP encoder) at the encoder's size."""
     from transformers import CLIPImageProcessor
 
     size = encoder.config.image_size if encoder is not None else 224
+    if is_siglip(encoder):
+        from transformers import SiglipImageProcessor
+
+        return SiglipImageProcessor(size={"height": size, "width": size})
     return CLIPImageProcessor(size=size, crop_size=size)
 
 
 def load_image_processor(name: str, subfolder: Optional[str] = None, encoder=None, **hub_kwargs):
     """The folder's ``preprocessor_config.json`` when it has one, else :func:`default_image_processor`."""
-    from transformers import CLIPImageProcessor
+    from transformers import AutoImageProcessor, CLIPImageProcessor
 
+    cls = AutoImageProcessor if is_siglip(encoder) else CLIPImageProcessor
     try:
-        return CLIPImageProcessor.from_pretrained(name, subfolder=subfolder or "", **check_hub_kwargs(hub_kwargs))
-    except OSError:  # IP-Adapter's image_encoder folders ship no processor config
+        return cls.from_pretrained(name, subfolder=subfolder or "", **check_hub_kwargs(hub_kwargs))
+    except (OSError, ValueError):  # IP-Adapter's image_encoder folders ship no processor config
         return default_image_processor(encoder)
 
 
 SourceList = Union[str, os.PathLike, dict, Sequence]
 __all__: List[str] = ["resolve_checkpoints", "resolve_one", "attach_image_encoder", "download", "HubDownloadError",
-                      "load_pretrained_encoder", "load_image_processor", "default_image_processor", "OFFICIAL"]
+                      "load_pretrained_encoder", "load_image_processor", "default_image_processor", "is_siglip", "OFFICIAL"]

@@ -18,7 +18,7 @@ HUB_FLAGS = ("cache_dir",)
 
 def add_model_arguments(parser, ip_adapter_required_note: str = "") -> None:
     g = parser.add_argument_group("models (local folders/files or hub ids; HF_HUB_OFFLINE=1 uses the local cache only)")
-    g.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (SDXL or SD1.5)")
+    g.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (SDXL, SD1.5, Flux or SD3.5)")
     g.add_argument("--ip-adapter", metavar="PATH_OR_ID",
                    help="IP-Adapter checkpoint: a .bin/.safetensors file, a folder or a hub id (with --weight-name), "
                         "e.g. h94/IP-Adapter --subfolder sdxl_models --weight-name ip-adapter_sdxl.safetensors"
@@ -26,12 +26,13 @@ def add_model_arguments(parser, ip_adapter_required_note: str = "") -> None:
     g.add_argument("--subfolder", help="the checkpoint's subfolder in the --ip-adapter folder or hub repo")
     g.add_argument("--weight-name", help="the checkpoint's file name in the --ip-adapter folder or hub repo")
     g.add_argument("--image-encoder", metavar="PATH_OR_ID",
-                   help="CLIP vision model (with projection) folder or hub id; default: 'image_encoder' next to the "
+                   help="CLIP vision model (with projection) or SigLIP vision folder or hub id; default: 'image_encoder' next to the "
                         "IP-Adapter (diffusers' layout, e.g. h94/IP-Adapter sdxl_models/image_encoder)")
     g.add_argument("--cache-dir", help="hub cache folder (default: HF_HUB_CACHE)")
     g.add_argument("--content-text-encoder", metavar="DIR",
-                   help="CLIP text model with projection (and its tokenizer) in the image encoder's space, for "
-                        "--content-prompt with ViT-H adapters (SD1.5); default: the SDXL pipeline's text_encoder_2")
+                   help="text model (and its tokenizer) in the image encoder's space, for --content-prompt: a CLIP "
+                        "text model with projection (ViT-H for SD1.5, ViT-L/14 for XLabs Flux) or SigLIP's text tower "
+                        "(InstantX Flux); default: the SDXL pipeline's text_encoder_2")
 
 
 def add_runtime_arguments(parser) -> None:

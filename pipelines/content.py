@@ -24,6 +24,7 @@ _ENCODER_FOR_WIDTH = {
     1280: "SDXL's text_encoder_2 (OpenCLIP ViT-bigG, the pipeline's own)",
     1024: "a CLIP ViT-H-14 text model with projection (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
     768: "a CLIP ViT-L/14 text model with projection (openai/clip-vit-large-patch14)",
+    1152: "SigLIP's text tower (SiglipTextModel of google/siglip-so400m-patch14-384)",
 }
 
 
@@ -60,14 +61,16 @@ def encode_text(text_encoder, tokenizer, prompt: str) -> torch.Tensor:
     return out.text_embeds
 
 
-def subtract_content(image_embeds: torch.Tensor, text_embeds: torch.Tensor, content_scale: float) -> torch.Tensor:
-    """``image_embeds - content_scale * text_embeds``, with a helpful error when the spaces differ."""
+def subtract_content(image_embeds: torch.Tensor, text_embeds: torch.Tensor, content_scale: float,
+                     fits: Optional[str] = None) -> torch.Tensor:
+    """``image_embeds - content_scale * text_embeds``, with a helpful error when the spaces differ
+    (``fits``: the text encoder to name there; default: guessed from the image width)."""
     width_i, width_t = image_embeds.shape[-1], text_embeds.shape[-1]
     if width_i != width_t:
-        fits = _ENCODER_FOR_WIDTH.get(width_i, f"a CLIP text model with projection_dim={width_i}")
+        fits = fits or _ENCODER_FOR_WIDTH.get(width_i, f"a CLIP text model with projection_dim={width_i}")
         raise ContentSubtractionError(
             f"content subtraction: the image embeddings are {width_i}-d but the text embeddings are {width_t}-d; "
-            f"they must come from the same CLIP space. For this image encoder use {fits}."
+            f"they must come from the same (CLIP or SigLIP) image-text space. For this image encoder use {fits}."
         )
     return image_embeds - content_scale * text_embeds.to(image_embeds.dtype)
 

@@ -68,11 +68,19 @@ def load_image_encoder(args, torch_dtype, hub: dict):
 
 
 def load_content_text_encoder(args, torch_dtype, hub: dict):
-    """``(text_encoder, tokenizer)`` from --content-text-encoder, or ``(None, None)``."""
+    """``(text_encoder, tokenizer)`` from --content-text-encoder, or ``(None, None)``: a CLIP
+    text model with projection, or SigLIP's text tower (InstantX Flux) when the folder's
+    config is SigLIP's (a whole SigLIP model's folder works: its text half is read)."""
     if not args.content_text_encoder:
         return None, None
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, PretrainedConfig
 
     flag, name = "--content-text-encoder", args.content_text_encoder
+    config = from_pretrained(flag, lambda n, **kw: PretrainedConfig.get_config_dict(n, **kw)[0], name, **hub)
+    if str(config.get("model_type", "")).startswith("siglip"):
+        from transformers import SiglipTextModel
+
+        return (from_pretrained(flag, SiglipTextModel.from_pretrained, name, dtype=torch_dtype, **hub),
+                from_pretrained(flag, AutoTokenizer.from_pretrained, name, **hub))
     return (from_pretrained(flag, CLIPTextModelWithProjection.from_pretrained, name, dtype=torch_dtype, **hub),
             from_pretrained(flag, CLIPTokenizer.from_pretrained, name, **hub))

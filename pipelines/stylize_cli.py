@@ -37,7 +37,9 @@ from .cli_args import (add_model_arguments, add_runtime_arguments, check_runtime
 from .errors import UserError
 from .outputs import check_output, png_text, save_image, sidecar_path, write_json
 
-PRESET_CHOICES = ("style", "layout", "style+layout", "all")
+#: every family's presets (UNet; Flux double/single/content; SD3 joint): the registry
+#: refuses, in one line, a preset the loaded model's family lacks
+PRESET_CHOICES = ("style", "layout", "style+layout", "all", "double", "single", "content", "joint")
 METHODS = ("instantstyle", "style-aligned")
 #: settings that only one method reads: the sidecar records only those that applied
 ONLY_FOR = {
@@ -57,7 +59,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--style", action="append", metavar="IMAGE", help="style reference (repeatable; instantstyle)")
     g.add_argument("--content-prompt", help="what the reference shows ('a cat'); subtracted from its embedding")
     g.add_argument("--content-scale", type=float, default=0.5, help="how much content to subtract (default 0.5)")
-    g.add_argument("--preset", choices=PRESET_CHOICES, default=None, help="blocks to inject into (default style)")
+    g.add_argument("--preset", choices=PRESET_CHOICES, default=None,
+                   help="blocks to inject into (default: style for UNets and InstantX Flux, all for XLabs Flux and SD3.5; "
+                        "Flux also double, single, content)")
     g.add_argument("--target", action="append", metavar="PATTERN",
                    help="module prefix/glob instead of --preset (repeatable), e.g. --target up_blocks.0.attentions.1")
     g.add_argument("--scale", type=float, default=1.0, help="IP-Adapter scale in the target blocks, >= 0 (default 1.0)")
@@ -150,24 +154,27 @@ def _target_message(exc: Exception) -> str:
 def _instantstyle(args, styles, pipe, encoder, processor, text_encoder, tokenizer, ip_file):
     """Wire the pipeline once (InstantStyle); returns ``generate(call) -> (images, sidecar details)``."""
     from instantstyle.pipelines.content import ContentSubtractionError
-    from instantstyle.pipelines.instantstyle import InstantStyle
+    from instantstyle.pipelines.instantstyle import InstantStyle, layers_of
 
     try:
-        style = InstantStyle(pipe, ip_file, target=args.target or args.preset or "style", scale=args.scale,
+        style = InstantStyle(pipe, ip_file, target=args.target or args.preset, scale=args.scale,
                              image_encoder=encoder, image_processor=processor, text_encoder=text_encoder, tokenizer=tokenizer,
                              image_encoder_folder=None, start_at=args.start_at, end_at=args.end_at)
     except (ValueError, TypeError, FileNotFoundError, KeyError, NotImplementedError) as exc:
         raise UserError(f"--ip-adapter / --preset / --target: {_target_message(exc)}") from None
+    args.resolved_target = style.target  # the family's default when neither flag was given
 
     def generate(call):
         try:
-            images = style.pipe(prompt=args.prompt, ip_adapter_image_embeds=style.embeds(
-                styles, args.content_prompt, args.content_scale, do_classifier_free_guidance=args.guidance > 1.0),
-                **call).images
+            inputs = style.ip_inputs(styles, args.content_prompt, args.content_scale,
+                                     do_classifier_free_guidance=args.guidance > 1.0)
         except ContentSubtractionError as exc:
             raise UserError(str(exc)) from None
+        except ValueError as exc:  # e.g. several --style images for SD3.5's one-image adapter
+            raise UserError(f"--style: {exc}") from None
+        images = style.pipe(prompt=args.prompt, **inputs, **call).images
         report = style.report
-        return images, {"targets": sorted(report.adapters[0].layers), "ip_params_held": report.ip_params,
+        return images, {"targets": sorted(layers_of(report)), "ip_params_held": report.ip_params,
                         "ip_params_all_layers": report.ip_params_all_layers, "ip_adapter_file": style.source}
 
     return generate
@@ -201,10 +208,10 @@ def _style_aligned(args, pipe):
 def settings_of(args) -> dict:
     """The settings that applied to this run (none of the other method's defaults)."""
     other = [m for m in ONLY_FOR if m != args.method]
-    skip = set(NOT_SETTINGS).union(*(ONLY_FOR[m] for m in other))
+    skip = set(NOT_SETTINGS).union(*(ONLY_FOR[m] for m in other), ("resolved_target",))
     settings = {k: v for k, v in vars(args).items() if k not in skip and not callable(v)}
     if args.method == "instantstyle":
-        settings["target"] = args.target or args.preset or "style"
+        settings["target"] = args.target or args.preset or getattr(args, "resolved_target", "style")
         settings.pop("preset", None)
     return settings
 

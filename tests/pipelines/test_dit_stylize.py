@@ -1,0 +1,180 @@
+"""InstantStyle on Flux and SD3.5 pipelines: content subtraction in each adapter's encoder
+space (checked against the encoders called by hand), the pipeline inputs, and
+``instantstyle stylize --model <flux or sd3 folder>`` end to end with hook-observed targets."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from instantstyle.cli import main
+from instantstyle.pipelines import ContentSubtractionError, InstantStyle
+
+from dit_pipelines import SIGLIP_DIM, XLABS_DIM, tiny_flux_dir, tiny_sd3_dir  # noqa: F401 (fixtures)
+
+
+def _load(folder, cls_name, sub):
+    import transformers
+
+    return getattr(transformers, cls_name).from_pretrained(folder / sub)
+
+
+def _flux(root):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(root / "model")
+
+
+def _style(root, fmt, text=None, **kwargs):
+    from instantstyle.loaders.hub import load_image_processor, load_pretrained_encoder
+
+    enc_dir = root / ("clip_image_encoder" if fmt == "xlabs" else "siglip_image_encoder")
+    encoder = load_pretrained_encoder(str(enc_dir))
+    text_encoder = tokenizer = None
+    if text:
+        siglip = text.startswith("siglip")
+        text_encoder = _load(root, "SiglipTextModel" if siglip else "CLIPTextModelWithProjection", text)
+        tokenizer = _load(root, "AutoTokenizer" if siglip else "CLIPTokenizer", text)
+    ckpt = root / ("xlabs.safetensors" if fmt == "xlabs" else "instantx.bin" if fmt == "instantx" else "ip-adapter.bin")
+    pipe = _flux(root) if fmt != "sd3" else _sd3(root)
+    return InstantStyle(pipe, str(ckpt), image_encoder=encoder, image_processor=load_image_processor(str(enc_dir), None, encoder),
+                        text_encoder=text_encoder, tokenizer=tokenizer, image_encoder_folder=None, **kwargs)
+
+
+def _sd3(root):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(root / "model")
+
+
+def _by_hand_text(style, prompt):
+    tokens = style.tokenizer(prompt, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    out = style.text_encoder(tokens)
+    return out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+
+
+def _by_hand_image(style, image):
+    pixels = style.pipe.feature_extractor(image, return_tensors="pt").pixel_values
+    out = style.pipe.image_encoder(pixels)
+    return out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
+
+
+@pytest.mark.parametrize("fmt,text,dim", [("xlabs", "clip_text", XLABS_DIM), ("instantx", "siglip_text", SIGLIP_DIM)])
+def test_flux_content_subtraction_in_the_adapters_encoder_space(tiny_flux_dir, fmt, text, dim):
+    target = None if fmt == "xlabs" else ["single_transformer_blocks.2"]
+    style = _style(tiny_flux_dir, fmt, text, target=target)
+    refs = [Image.open(tiny_flux_dir / "style.png"), Image.open(tiny_flux_dir / "style2.png")]
+    inputs = style.ip_inputs(refs, content_prompt="a cat", content_scale=0.7)
+    with torch.no_grad():
+        expected = _by_hand_image(style, refs) - 0.7 * _by_hand_text(style, "a cat")
+        black = _by_hand_image(style, [np.zeros((64, 64, 3), dtype=np.uint8)])
+    (pos,), (neg,) = inputs["ip_adapter_image_embeds"], inputs["negative_ip_adapter_image_embeds"]
+    assert pos.shape == (1, 2, dim)
+    torch.testing.assert_close(pos[0], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(neg[0], black, rtol=1e-6, atol=1e-6)  # diffusers' black image, not subtracted
+    assert (pos - style.ip_inputs(refs)["ip_adapter_image_embeds"][0]).abs().max() > 1e-3  # the subtraction did something
+    if fmt == "xlabs":  # default target: XLabs has weights in the double-stream blocks only
+        assert style.target == "all" and sorted(style.report.layers[0]) == [f"transformer_blocks.{i}.attn.processor" for i in range(2)]
+    image = style("a dog", refs, content_prompt="a cat", num_inference_steps=1, height=16, width=16, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+
+def test_flux_content_errors_name_both_sizes_and_the_encoder_that_fits(tiny_flux_dir):
+    ref = Image.open(tiny_flux_dir / "style.png")
+    with pytest.raises(ContentSubtractionError, match=rf"{XLABS_DIM}-d but the text embeddings are 16-d.*CLIP ViT-L/14 text model with projection"):
+        _style(tiny_flux_dir, "xlabs", "clip_text_16").ip_inputs([ref], content_prompt="a cat")
+    with pytest.raises(ContentSubtractionError, match=r"expected a CLIP ViT-L/14.*CLIPVisionModelWithProjection, got SiglipTextModel"):
+        _style(tiny_flux_dir, "xlabs", "siglip_text").ip_inputs([ref], content_prompt="a cat")
+    with pytest.raises(ContentSubtractionError, match=r"SigLIP's text tower.*got CLIPTextModelWithProjection"):
+        _style(tiny_flux_dir, "instantx", "clip_text", target="single").ip_inputs([ref], content_prompt="a cat")
+    with pytest.raises(ContentSubtractionError, match=r"content_prompt: the XLabs Flux adapter needs a CLIP ViT-L/14"):
+        _style(tiny_flux_dir, "xlabs").ip_inputs([ref], content_prompt="a cat")
+
+
+def test_sd3_inputs_are_siglip_patch_features_with_zero_negatives_and_refuse_content(tiny_sd3_dir):
+    style = _style(tiny_sd3_dir, "sd3")
+    ref = Image.open(tiny_sd3_dir / "style.png")
+    embeds = style.ip_inputs([ref])["ip_adapter_image_embeds"]
+    pixels = style.pipe.feature_extractor([ref], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        by_hand = style.pipe.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+    assert embeds.shape == (2, 16, SIGLIP_DIM) and not embeds[0].any()
+    torch.testing.assert_close(embeds[1:], by_hand)
+    assert style.ip_inputs([ref], do_classifier_free_guidance=False)["ip_adapter_image_embeds"].shape == (1, 16, SIGLIP_DIM)
+    with pytest.raises(ContentSubtractionError, match="patch features"):
+        style.ip_inputs([ref], content_prompt="a cat", content_scale=0.5)
+    with pytest.raises(ValueError, match="style_images: the SD3.5 IP-Adapter takes one style image, got 2"):
+        style.ip_inputs([ref, ref])
+
+
+@pytest.fixture
+def ip_calls(monkeypatch):
+    """Layers whose IP K/V projections ran (forward hooks on the loaded processors)."""
+    seen = set()
+    original = InstantStyle._load
+
+    def load_and_hook(self, *args, **kwargs):
+        report = original(self, *args, **kwargs)
+        for name, proc in self.pipe.transformer.attn_processors.items():
+            linears = getattr(proc, "to_k_ip", None) or []
+            for linear in [linears] if isinstance(linears, torch.nn.Linear) else linears:  # SD3: one Linear
+                linear.register_forward_hook(lambda *_, name=name: seen.add(name))
+        return report
+
+    monkeypatch.setattr(InstantStyle, "_load", load_and_hook)
+    return seen
+
+
+def _cli(root, model_extra, out, *extra):
+    return main(["stylize", "--model", str(root / "model"), *model_extra, "--style", str(root / "style.png"),
+                 "--prompt", "a dog", "--steps", "2", "--height", "16", "--width", "16", "--seed", "3", "--out", str(out), *extra])
+
+
+def test_stylize_cli_flux_xlabs_and_instantx_inject_only_their_targets(tiny_flux_dir, tmp_path, ip_calls):
+    r = tiny_flux_dir
+    xlabs = ["--ip-adapter", str(r / "xlabs.safetensors"), "--image-encoder", str(r / "clip_image_encoder")]
+    assert _cli(r, xlabs, tmp_path / "x.png", "--content-prompt", "a cat", "--content-text-encoder", str(r / "clip_text")) == 0
+    record = json.loads((tmp_path / "x.png.json").read_text())
+    double = [f"transformer_blocks.{i}.attn.processor" for i in range(2)]
+    assert record["targets"] == double and record["settings"]["target"] == "all" and ip_calls == set(double)
+    assert Image.open(tmp_path / "x.png").size == (16, 16)
+    assert _cli(r, xlabs, tmp_path / "x0.png", "--content-prompt", "a cat", "--content-text-encoder", str(r / "clip_text"),
+                "--scale", "0") == 0
+    a, b = (np.asarray(Image.open(tmp_path / n), dtype=np.int16) for n in ("x.png", "x0.png"))
+    assert np.abs(a - b).max() > 0  # the reference reached the image
+
+    ip_calls.clear()
+    instantx = ["--ip-adapter", str(r / "instantx.bin"), "--image-encoder", str(r / "siglip_image_encoder")]
+    assert _cli(r, instantx, tmp_path / "i.png", "--target", "single_transformer_blocks.1", "--content-prompt", "a cat",
+                "--content-text-encoder", str(r / "siglip_text")) == 0
+    record = json.loads((tmp_path / "i.png.json").read_text())
+    assert record["targets"] == ["single_transformer_blocks.1.attn.processor"] == sorted(ip_calls)
+    assert record["ip_params_held"] * 5 == record["ip_params_all_layers"]  # 1 of 2 double + 3 single layers
+
+
+def test_stylize_cli_sd3(tiny_sd3_dir, tmp_path, ip_calls):
+    r = tiny_sd3_dir
+    args = ["--ip-adapter", str(r / "ip-adapter.bin"), "--image-encoder", str(r / "siglip_image_encoder")]
+    assert _cli(r, args, tmp_path / "s.png", "--target", "transformer_blocks.1") == 0
+    record = json.loads((tmp_path / "s.png.json").read_text())
+    assert record["targets"] == ["transformer_blocks.1.attn.processor"] == sorted(ip_calls)
+    assert record["ip_params_held"] * 3 == record["ip_params_all_layers"]
+
+
+def test_stylize_cli_dit_mistakes_are_one_line(tiny_flux_dir, tiny_sd3_dir, tmp_path, capsys):
+    r = tiny_flux_dir
+    xlabs = ["--ip-adapter", str(r / "xlabs.safetensors"), "--image-encoder", str(r / "clip_image_encoder")]
+    cases = [
+        (r, xlabs, ["--content-prompt", "a cat", "--content-text-encoder", str(r / "clip_text_16")], r"32-d but the text embeddings are 16-d"),
+        (r, xlabs, ["--preset", "single"], r"double-stream blocks \(transformer_blocks.N\) only"),
+        (tiny_sd3_dir, ["--ip-adapter", str(tiny_sd3_dir / "ip-adapter.bin"), "--image-encoder", str(tiny_sd3_dir / "siglip_image_encoder")],
+         ["--content-prompt", "a cat"], r"patch features"),
+    ]
+    for root, model, extra, message in cases:
+        code = _cli(root, model, tmp_path / "e.png", *extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith("instantstyle: error: "), err
+        assert re.search(message, err[-1]), err[-1]
+        assert not (tmp_path / "e.png").exists()
