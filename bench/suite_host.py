@@ -21,9 +21,10 @@ from typing import List, Optional
 import torch
 
 from . import timing
-from .suites import Context, add_speedups, dtype_name, short_error
+from .suites import Context, add_speedups, dtype_name, name_matches, short_error
 
 CALLS_PER_RUN = 100
+CASES = ["ip-layer", "plain-layer"]
 
 
 def _modules(device, dtype):
@@ -65,8 +66,11 @@ class HostSuite:
     def unavailable(self, ctx: Context) -> Optional[str]:
         return None
 
+    def _cases(self, ctx: Context) -> List[str]:
+        return [c for c in CASES if name_matches(c, ctx.shape_filter, CASES)]
+
     def planned(self, ctx: Context) -> int:
-        return 2 * 2
+        return 2 * len(self._cases(ctx))
 
     def run(self, ctx: Context) -> List[dict]:
         dtype = ctx.dtypes[0]
@@ -77,6 +81,8 @@ class HostSuite:
         sync = torch.cuda.synchronize if ctx.is_gpu else (lambda: None)
         rows = []
         for case, modules in _modules(ctx.device, dtype).items():
+            if case not in self._cases(ctx):
+                continue
             case_rows, fns = [], {}
             for name, module in modules.items():
                 row = {"suite": self.name, "case": case, "provider": name, "baseline": name == "diffusers",

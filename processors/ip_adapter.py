@@ -20,13 +20,9 @@ import torch
 from diffusers.image_processor import IPAdapterMaskProcessor
 
 from .contributors import AttentionCall, Contributor
-from .layer_inputs import linear
+from .layer_inputs import linear, plain_linear, weights
 from .step_cache import StepCache
 from .validation import describe, require_scale
-
-
-def _weights(module) -> list:
-    return [p for p in module._parameters.values() if p is not None]
 
 
 class ScaleList(list):
@@ -181,7 +177,9 @@ class IPAdapterStreams(Contributor):
             states, mask = call.ip_states[adapter], masks[adapter]
             if mask is None:  # all images of the adapter share one softmax
                 project = lambda: (linear(to_k, states), linear(to_v, states))  # noqa: E731
-                k, v = cache.get((states, *_weights(to_k), *_weights(to_v)), project)
+                # unchanged IP tokens and bare projections: last step's K/V (``step_cache``)
+                bare = plain_linear(to_k) and plain_linear(to_v)
+                k, v = cache.get((states, *weights(to_k), *weights(to_v)), project) if bare else project()
                 out.append((k.view(batch, -1, heads, head_dim), v.view(batch, -1, heads, head_dim), self._adapter_scale(adapter), None))
                 continue
             for i in range(mask.shape[1]):  # with masks, one softmax, scale and mask per image

@@ -16,19 +16,53 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
+from .step_cache import StepCache, cacheable
 
-def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for a projection; a plain ``nn.Linear`` without hooks is called as
-    ``F.linear`` directly.  ``nn.Module.__call__`` costs ~2 us of Python, and a layer call
-    makes six projections.  Anything else (LoRA layers, offload hooks that wrap
-    ``forward``, module or global hooks) goes through the module as usual."""
-    if (type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks
+
+def plain_linear(module) -> bool:
+    """A bare ``nn.Linear``: no subclass (LoRA layers), no hooks, no replaced ``forward``
+    (offloading), no global hooks.  Its output is ``F.linear`` of its own two tensors."""
+    return (type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks
             or module._backward_hooks or module._backward_pre_hooks) and "forward" not in module.__dict__
             and not (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
-                     or _module._global_backward_pre_hooks)):
+                     or _module._global_backward_pre_hooks))
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a projection; a :func:`plain_linear` is called as ``F.linear``
+    directly (``nn.Module.__call__`` costs ~2 us of Python, and a layer call makes six
+    projections).  Anything else goes through the module as usual."""
+    if plain_linear(module):
         params = module._parameters
         return F.linear(x, params["weight"], params["bias"])
     return module(x)
+
+
+def weights(module) -> list:
+    """The tensors a :func:`plain_linear`'s output depends on."""
+    return [p for p in module._parameters.values() if p is not None]
+
+
+_TEXT_KV = "_instantstyle_text_kv"
+
+
+def _text_kv(attn, text_states: torch.Tensor):
+    """Cross-attention keys and values of the text.  A pipeline passes the same prompt
+    embeddings at every step, so while they and the projections are unchanged the last
+    result is reused (``step_cache``): two projections less per layer and step.  Only for
+    bare projections without norm_cross, whose output depends on nothing else."""
+    def project():
+        return linear(attn.to_k, text_states), linear(attn.to_v, text_states)
+
+    to_k, to_v = attn.to_k, attn.to_v
+    if attn.norm_cross or not (plain_linear(to_k) and plain_linear(to_v)) or not cacheable((text_states,)):
+        if attn.norm_cross:
+            text_states = attn.norm_encoder_hidden_states(text_states)
+        return project()
+    cache = attn.__dict__.get(_TEXT_KV)
+    if cache is None:
+        cache = attn.__dict__[_TEXT_KV] = StepCache()
+    return cache.get((text_states, *weights(to_k), *weights(to_v)), project)
 
 
 @dataclass
@@ -92,11 +126,10 @@ def parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, num_
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
     query = linear(attn.to_q, hidden_states)
-    if text_states is None:
-        text_states = hidden_states
-    elif attn.norm_cross:
-        text_states = attn.norm_encoder_hidden_states(text_states)
-    key, value = linear(attn.to_k, text_states), linear(attn.to_v, text_states)
+    if text_states is None:  # self-attention: keys change with every step
+        key, value = linear(attn.to_k, hidden_states), linear(attn.to_v, hidden_states)
+    else:
+        key, value = _text_kv(attn, text_states)
     heads = attn.heads
     head_dim = key.shape[-1] // heads
     q = query.view(batch, -1, heads, head_dim)

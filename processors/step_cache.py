@@ -24,11 +24,17 @@ from typing import Callable, Sequence
 import torch
 
 
-def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
-    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+def cacheable(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a result computed from ``tensors`` may be remembered (see the module doc)."""
+    if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
-    return all(isinstance(t, torch.Tensor) and not t.is_inference() and not (grad and t.requires_grad) for t in tensors)
+    on_cuda = False
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.is_inference() or (grad and t.requires_grad):
+            return False
+        on_cuda = on_cuda or t.is_cuda
+    return not (on_cuda and torch.cuda.is_current_stream_capturing())
 
 
 class StepCache:
@@ -41,7 +47,7 @@ class StepCache:
 
     def get(self, tensors: Sequence[torch.Tensor], fn: Callable[[], object]):
         """``fn()``, or its remembered result when ``tensors`` are the same, unmodified tensors."""
-        if not _cacheable(tensors):
+        if not cacheable(tensors):
             return fn()
         if len(tensors) == len(self.tensors) and all(a is b for a, b in zip(tensors, self.tensors)) \
                 and all(t._version == v for t, v in zip(tensors, self.versions)):

@@ -55,7 +55,15 @@ def test_rows_carry_metadata(rows):
 
 
 def test_every_suite_ran(rows):
-    assert {r["suite"] for r in rows} == {"kernel", "processor", "unet"}
+    assert {r["suite"] for r in rows} == {"kernel", "processor", "unet", "host"}
+
+
+def test_host_rows(rows):
+    for case in ("ip-layer", "plain-layer"):
+        base, fused = _row(rows, "host", case, "diffusers"), _row(rows, "host", case, "fused")
+        assert base["baseline"] and base["status"] == fused["status"] == "ok"
+        assert 0 < fused["ms_p20"] <= fused["ms"] <= fused["ms_p80"] < 10  # per call: microseconds, not a batch
+        assert fused["speedup"] == pytest.approx(base["ms"] / fused["ms"])
 
 
 def test_kernel_rows(rows):

@@ -109,3 +109,53 @@ def test_use_fused_processors_caches_diffusers_projection_too():
     embeds = [image_embeds(2, 1, seed=7)]
     for t in (900, 100):
         check_close(_step(unet, embeds, timestep=t), _step(ref, embeds, timestep=t), "fp32")
+
+
+def _step_with_text(unet, text, embeds):
+    kwargs = unet_inputs(unet)
+    kwargs["encoder_hidden_states"] = text
+    kwargs["added_cond_kwargs"]["image_embeds"] = embeds
+    with torch.no_grad():
+        return unet(**kwargs).sample
+
+
+def test_text_keys_and_values_follow_in_place_prompt_changes():
+    unet = _loaded()
+    embeds = [image_embeds(2, 1, seed=7)]
+    text = unet_inputs(unet)["encoder_hidden_states"].clone()
+    first = _step_with_text(unet, text, embeds)
+    check_close(_step_with_text(unet, text, embeds), first, "fp32")  # cached: the same
+    with torch.no_grad():
+        text[:, 3:].mul_(-2)  # a prompt edited in place between steps
+    second = _step_with_text(unet, text, embeds)
+    assert (second - first).abs().max() > 1e-4
+    check_close(second, _step_with_text(copy.deepcopy(unet), text.clone(), [e.clone() for e in embeds]), "fp32")
+
+
+class ScaledLinear(torch.nn.Linear):
+    """A LoRA-style projection whose output depends on a Python attribute (a LoRA scale)."""
+
+    factor = 1.0
+
+    def forward(self, x):
+        return super().forward(x) * self.factor
+
+
+def test_projections_that_are_not_bare_linears_are_never_cached():
+    unet = _loaded()
+    embeds = [image_embeds(2, 1, seed=7)]
+    text = unet_inputs(unet)["encoder_hidden_states"]
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            for part in ("to_k", "to_v"):
+                old = getattr(module, part)
+                new = ScaledLinear(old.in_features, old.out_features, bias=old.bias is not None)
+                new.load_state_dict(old.state_dict())
+                setattr(module, part, new)
+    first = _step_with_text(unet, text, embeds)
+    ScaledLinear.factor = 3.0  # no tensor changes: only recomputing sees it
+    try:
+        second = _step_with_text(unet, text, embeds)
+    finally:
+        ScaledLinear.factor = 1.0
+    assert (second - first).abs().max() > 1e-4
