@@ -35,11 +35,12 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import RMSNorm
-from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor, _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor, _get_qkv_projections
 
 from . import diffusers_compat
 from .contributors import AttentionCall
 from .ip_adapter import IPAdapterStreams
+from .joint_observe import observed_joint_attention
 from .layer_inputs import LayerInputs
 from .pipeline import attend
 
@@ -71,10 +72,13 @@ def joint_attention(proc, attn, hidden_states, encoder_hidden_states, attention_
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-    out = dispatch_attention_fn(
-        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-        backend=proc._attention_backend, parallel_config=proc._parallel_config,
-    )
+    # attention-map capture (joint_observe) needs the probabilities; otherwise diffusers' path
+    out = observed_joint_attention(attn, query, key, value, text_len, False, attention_mask)
+    if out is None:
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+            backend=proc._attention_backend, parallel_config=proc._parallel_config,
+        )
     out = out.flatten(2, 3).to(query.dtype)
     return out, text_len, ip_query
 
@@ -192,7 +196,26 @@ class FusedFluxInstantXAttnProcessor(InstantXStreams, FluxIPAdapterAttnProcessor
         return attn.to_out[1](attn.to_out[0](out)), attn.to_add_out(encoder_out)
 
 
+# -- no IP-Adapter -----------------------------------------------------------------------
+class FusedFluxAttnProcessor(FluxAttnProcessor):
+    """``FluxAttnProcessor`` where editing methods attach (attention-map capture): the same
+    math and outputs; diffusers' path whenever nothing observes the call."""
+
+    instantstyle_pipeline = True
+
+    def __init__(self):
+        super().__init__()
+        self.fallback_reason = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        out, text_len, _ = joint_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is None:
+            return out
+        encoder_out, out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+        return attn.to_out[1](attn.to_out[0](out)), attn.to_add_out(encoder_out)
+
+
 FLUX_IP_CLASSES = (FusedFluxIPAdapterAttnProcessor, FusedFluxInstantXAttnProcessor)
 diffusers_compat.register_processor_classes(*FLUX_IP_CLASSES)
-for _cls in FLUX_IP_CLASSES:  # FluxAttention.forward inspects the signature on every call
+for _cls in (*FLUX_IP_CLASSES, FusedFluxAttnProcessor):  # FluxAttention.forward inspects the signature on every call
     _cls.__call__.__signature__ = inspect.signature(_cls.__call__)

@@ -19,10 +19,11 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+from diffusers.models.attention_processor import JointAttnProcessor2_0, SD3IPAdapterJointAttnProcessor2_0
 
 from . import diffusers_compat
 from .contributors import AttentionCall, Contributor
+from .joint_observe import observed_joint_attention
 from .layer_inputs import LayerInputs
 from .pipeline import attend
 
@@ -50,8 +51,12 @@ def joint_attention(attn, hidden_states, encoder_hidden_states):
         if attn.norm_added_k is not None:
             ek = attn.norm_added_k(ek)
         query, key, value = torch.cat([query, eq], dim=2), torch.cat([key, ek], dim=2), torch.cat([value, ev], dim=2)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    # attention-map capture (joint_observe) needs the probabilities; otherwise SDPA as diffusers
+    text_len = query.shape[2] - n
+    out = observed_joint_attention(attn, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), text_len, True)
+    if out is None:
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False).transpose(1, 2)
+    out = out.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
     encoder_out = None
     if encoder_hidden_states is not None:
         out, encoder_out = out[:, :n], out[:, n:]
@@ -102,6 +107,22 @@ class FusedSD3IPAdapterJointAttnProcessor(Contributor, SD3IPAdapterJointAttnProc
             ip = attend(layer, ((self, 1.0),))
             ip = ip.reshape(ip.shape[0], ip.shape[1], -1).to(out.dtype)
             out = out + ip * self.scale
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out if encoder_out is None else (out, encoder_out)
+
+
+class FusedSD3JointAttnProcessor(JointAttnProcessor2_0):
+    """``JointAttnProcessor2_0`` where editing methods attach (attention-map capture): the
+    same math and outputs; SDPA whenever nothing observes the call."""
+
+    instantstyle_pipeline = True
+
+    def __init__(self):
+        super().__init__()
+        self.fallback_reason = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        out, encoder_out, _ = joint_attention(attn, hidden_states, encoder_hidden_states)
         out = attn.to_out[1](attn.to_out[0](out))
         return out if encoder_out is None else (out, encoder_out)
 

@@ -26,8 +26,9 @@ from typing import Dict
 from .. import model_state
 from ..contributors import Attached
 from ..conversion import PLAIN_CLASSES, fused_equivalent
+from ..dit_methods import check_dit_method, dit_equivalent, dit_plain_classes
 from ..registry import Injection, registry_of
-from ..sites import unet_of
+from ..sites import transformer_family, unet_of
 from ..validation import describe
 from .base import EditingMethod
 
@@ -47,13 +48,21 @@ def apply_method(model_or_pipeline, method: EditingMethod) -> Injection:
         raise TypeError(f"method: expected an EditingMethod instance, got {describe(method)}")
     unet = unet_of(model_or_pipeline)
     registry = registry_of(unet)
+    dit = transformer_family(unet) is not None
+    if dit:  # Flux / SD3 joint attention: what is supported there (dit_methods)
+        check_dit_method(method)
     resolved = registry.resolve(method.target, method.kind)
     chosen = [s for s in method.select_sites(list(resolved)) if s in resolved]
+    if dit:  # single-stream blocks don't know where the text ends: no maps there
+        chosen = [s.name for s in registry.sites if s.name in chosen and s.kind == "joint"]
     if not chosen:
-        raise ValueError(f"{method.name}: target {method.target!r} leaves no {method.kind}-attention layer")
+        raise ValueError(f"{method.name}: target {method.target!r} leaves no {method.kind}-attention layer"
+                         + (" (on Flux, maps are captured at the double-stream blocks)" if dit else ""))
     modules = {s.name: s.module for s in registry.sites}
+    equivalent = dit_equivalent if dit else fused_equivalent
+    plain = dit_plain_classes() if dit else PLAIN_CLASSES
     # build every processor first, so a layer we can't handle leaves the model untouched
-    procs = {site: fused_equivalent(site, modules[site].processor) for site in chosen}
+    procs = {site: equivalent(site, modules[site].processor) for site in chosen}
     if method.name in model_state.attached(unet):
         remove_method(unet, method.name)
     method.gate.num_train_timesteps = int(_train_steps(model_or_pipeline))
@@ -61,7 +70,7 @@ def apply_method(model_or_pipeline, method: EditingMethod) -> Injection:
     entries = {}
     for site, proc in procs.items():
         current = modules[site].processor
-        restore = current if type(current) in PLAIN_CLASSES else None  # stateless: safe to give back
+        restore = current if type(current) in plain else None  # stateless: safe to give back
         if proc is not current:
             modules[site].set_processor(proc)
         entries[site] = Attached(method, site, resolved[site], restore)
