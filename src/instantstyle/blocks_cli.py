@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def describe_blocks(arch: str, target=None, cross_only: bool = False, fmt=None):
     """``(rows, summary)`` for ``arch`` with IP-Adapter injected at ``target`` (None: nothing)."""
     from .loaders import ip_param_counts
+    from .loaders.flux import capable_sites
     from .loaders.transformer import transformer_ip_param_counts
     from .processors.architectures import TRANSFORMER_ARCHS, build_meta_unet
     from .processors.registry import registry_of
@@ -50,8 +51,12 @@ def describe_blocks(arch: str, target=None, cross_only: bool = False, fmt=None):
     planned = {}
     if target is not None:
         planned["ip_adapter[0]"] = registry.resolve(target, "cross")
+        capable = len(registry.candidates("cross"))
         if arch in TRANSFORMER_ARCHS:
             fmt = "instantx-sd3" if arch == "sd3" else (fmt or "instantx")
+            if fmt != "instantx-sd3":  # XLabs has weights in the 19 double-stream layers only, as the loader
+                planned["ip_adapter[0]"] = _capable(planned["ip_adapter[0]"], registry.sites, fmt, target)
+                capable = len(capable_sites(fmt, registry.sites))
             counts = transformer_ip_param_counts(unet, target, fmt)
             summary["format"] = fmt
         else:
@@ -60,12 +65,25 @@ def describe_blocks(arch: str, target=None, cross_only: bool = False, fmt=None):
             ip_params=counts["held"],
             ip_params_all_layers=counts["all_layers"],
             ip_layers=len(planned["ip_adapter[0]"]),
-            ip_layers_all=len(registry.candidates("cross")),
+            ip_layers_all=capable,
         )
     rows = registry.table(planned)
     if cross_only:
         rows = [r for r in rows if r["kind"] == "cross"]
     return rows, summary
+
+
+def _capable(weights: dict, sites, fmt: str, target) -> dict:
+    """The loader's rule: ``"all"`` means the layers the format has weights for; a target
+    naming others is an error."""
+    from .loaders.flux import capable_sites
+
+    names = {s.name for s in capable_sites(fmt, sites)}
+    outside = [s for s in weights if s not in names]
+    if outside and target != "all":
+        raise ValueError(f"target: a {fmt} checkpoint has weights for the double-stream blocks (transformer_blocks.N) only; "
+                         f"{target!r} also names {len(outside)} single-stream layers, e.g. {outside[0]}")
+    return {s: w for s, w in weights.items() if s in names}
 
 
 def _table(rows, summary) -> str:
@@ -89,7 +107,7 @@ def run(args) -> int:
     try:
         rows, summary = describe_blocks(args.arch, target, args.cross_only, getattr(args, "format", None))
     except (ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"instantstyle: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=1) if args.json else _table(rows, summary))
     return 0

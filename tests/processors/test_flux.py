@@ -187,3 +187,17 @@ def test_sites_presets_and_meta_block_listing():
     assert rows[0]["heads"] == 24 and rows[0]["head_dim"] == 128 and summary["ip_layers_all"] == 57
     rows, summary = describe_blocks("flux", "content")
     assert [r["name"] for r in rows if r["injected"]][0] == "single_transformer_blocks.0.attn.processor"
+
+
+def test_blocks_xlabs_counts_the_19_capable_layers_and_refuses_single_blocks(capsys):
+    from instantstyle.blocks_cli import describe_blocks
+    from instantstyle.cli import main
+
+    rows, summary = describe_blocks("flux", "all", fmt="xlabs")
+    assert summary["ip_layers"] == summary["ip_layers_all"] == 19
+    assert sum(bool(r["injected"]) for r in rows) == 19 and all(r["kind"] == "joint" for r in rows if r["injected"])
+    assert main(["blocks", "--arch", "flux", "--format", "xlabs", "--preset", "all"]) == 0
+    assert "IP weights in 19 of 19 attention layers" in capsys.readouterr().out
+    assert main(["blocks", "--arch", "flux", "--format", "xlabs", "--preset", "single"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("instantstyle: error: target: a xlabs checkpoint") and len(err.strip().splitlines()) == 1
