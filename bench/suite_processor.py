@@ -1,4 +1,5 @@
-"""Processor suite: one whole attn2 call (projections included), as the UNet makes it.
+"""Processor suite: one whole attn2 call (projections included), as the UNet makes it,
+and one whole Flux double-stream / SD3.5 joint-attention call (``dit_layers``).
 
 A diffusers ``Attention`` module with SDXL's cross-attention sizes runs with:
 
@@ -7,6 +8,11 @@ A diffusers ``Attention`` module with SDXL's cross-attention sizes runs with:
   constructor and loaded with the same IP weights (so outputs must agree);
 * ``no-ip``: diffusers' ``AttnProcessor2_0`` on the text alone, the floor any IP
   processor adds to.
+
+The DiT cases compare diffusers' ``FluxIPAdapterAttnProcessor`` (XLabs, 16 IP tokens) and
+``SD3IPAdapterJointAttnProcessor2_0`` (InstantX, 64 tokens) with ours; their ``no-ip`` row
+is the layer's plain processor.  The main joint attention (long keys) runs on diffusers'
+path in both, so what differs is the IP branch only.
 
 When the fused processor does not exist yet, its rows say "not available yet".
 """
@@ -20,6 +26,7 @@ from typing import List, Optional
 
 import torch
 
+from . import dit_layers
 from .suites import Context, add_speedups, dtype_name, name_matches, record_timings, short_error
 
 FUSED_CLASS = "FusedIPAdapterAttnProcessor"
@@ -45,6 +52,7 @@ class AttnCase:
     Lt: int = 77
     cross_dim: int = 2048
     ip_tokens: int = 4
+    family: str = "unet"  # "flux" / "sd3": a whole joint-attention layer (dit_layers)
 
     def describe(self) -> str:
         return f"B={self.B} N={self.N} C={self.channels} H={self.heads} Lt={self.Lt} ip={self.ip_tokens}"
@@ -53,11 +61,20 @@ class AttnCase:
 CASES = [
     AttnCase("sdxl-attn2-4096x640", B=2, N=4096, channels=640, heads=10),
     AttnCase("sdxl-attn2-1024x1280", B=2, N=1024, channels=1280, heads=20),
+    # FLUX.1-dev at 1024²: 4096 image + 512 T5 tokens, no CFG batch; XLabs v2, 16 tokens
+    AttnCase("flux-double-1024", B=1, N=4096, channels=3072, heads=24, Lt=512, cross_dim=4096, ip_tokens=16, family="flux"),
+    # SD3.5-Large at 1024²: 4096 image + 333 text tokens, CFG batch; InstantX, 64 tokens
+    AttnCase("sd35-joint-1024", B=2, N=4096, channels=2432, heads=38, Lt=333, cross_dim=2432, ip_tokens=64, family="sd3"),
+    # the same layers at 256² (256 image tokens): what --quick times on a CPU in seconds
+    AttnCase("flux-double-256", B=1, N=256, channels=3072, heads=24, Lt=512, cross_dim=4096, ip_tokens=16, family="flux"),
+    AttnCase("sd35-joint-256", B=2, N=256, channels=2432, heads=38, Lt=333, cross_dim=2432, ip_tokens=64, family="sd3"),
 ]
-QUICK_CASES = [CASES[1]]
+QUICK_CASES = [CASES[1], CASES[4], CASES[5]]
 
 
 def _inputs(case: AttnCase, dtype, device, seed):
+    if case.family != "unet":
+        return dit_layers.inputs(case, dtype, device, seed)
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     return rand(case.B, case.N, case.channels), rand(case.B, case.Lt, case.cross_dim), \
@@ -68,6 +85,10 @@ def build_attention(case: AttnCase, dtype, device):
     """attn2 of an SDXL BasicTransformerBlock, random weights, plus the two IP processors."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
+    if case.family != "unet":
+        build = dit_layers.build_flux if case.family == "flux" else dit_layers.build_sd3
+        attn, procs = build(case, dtype, device, dit_layers.fused_classes()[case.family])
+        return _placed(attn, procs, dtype, device)
     torch.manual_seed(0)
     attn = Attention(query_dim=case.channels, cross_attention_dim=case.cross_dim, heads=case.heads,
                      dim_head=case.channels // case.heads, bias=False, out_bias=True)
@@ -79,6 +100,10 @@ def build_attention(case: AttnCase, dtype, device):
         fused = cls(hidden_size=case.channels, cross_attention_dim=case.cross_dim, num_tokens=(case.ip_tokens,), scale=1.0)
         fused.load_state_dict(base.state_dict())
         procs["fused"] = fused
+    return _placed(attn, procs, dtype, device)
+
+
+def _placed(attn, procs, dtype, device):
     attn.to(device=device, dtype=dtype).eval()
     for p in procs.values():
         if isinstance(p, torch.nn.Module):
@@ -90,6 +115,8 @@ PROVIDERS = ["diffusers", "fused", "no-ip"]
 
 
 def _call(module, inputs, ip: bool):
+    if len(inputs) == 4:  # a Flux / SD3 layer
+        return dit_layers.call(module, inputs, ip)
     x, text, ip_states = inputs
     with torch.inference_mode():
         return module(x, encoder_hidden_states=(text, [ip_states]) if ip else text)
@@ -97,7 +124,8 @@ def _call(module, inputs, ip: bool):
 
 class ProcessorSuite:
     name = "processor"
-    description = "one attn2 call, projections included: fused processor vs diffusers' IPAdapterAttnProcessor2_0"
+    description = ("one attn2 call (SDXL) or joint-attention layer call (Flux, SD3.5), projections included: "
+                   "fused processor vs diffusers' IP processor")
 
     def unavailable(self, ctx: Context) -> Optional[str]:
         return None  # the diffusers rows always run; the fused rows say when they can't
@@ -122,7 +150,7 @@ class ProcessorSuite:
     def _run_case(self, ctx: Context, case: AttnCase, dtype) -> List[dict]:
         attn, procs = build_attention(case, dtype, ctx.device)
         one = _inputs(case, dtype, ctx.device, 0)
-        per_set = sum(t.numel() * t.element_size() for t in one) * 2
+        per_set = sum(t.numel() * t.element_size() for t in _tensors(one)) * 2
         sets = [one] + [_inputs(case, dtype, ctx.device, i) for i in range(1, ctx.rotation(per_set))]
         rows, fns_by_name, base_out = [], {}, None
         for name in PROVIDERS:
@@ -151,3 +179,11 @@ class ProcessorSuite:
             ctx.tick(f"{case.name} {row['provider']}")
         add_speedups(rows)
         return rows
+
+
+def _tensors(inputs) -> list:
+    """The tensors of one input set (nested tuples and lists: RoPE, IP states)."""
+    out = []
+    for t in inputs:
+        out += _tensors(t) if isinstance(t, (tuple, list)) else [t]
+    return out
