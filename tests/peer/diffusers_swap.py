@@ -4,6 +4,9 @@ swapped in (``INSTANTSTYLE_SWAP=1``) or not (the baseline), offline.
 - The hub tokenizer the fast tests load (``hf-internal-testing/tiny-random-clip``) is
   replaced by a CLIP tokenizer built from a byte-level vocabulary written here (514
   tokens, below the tests' ``vocab_size=1000``), in both runs alike.
+- ``hf-internal-testing/tiny-random-t5`` (Flux/SD3 tests: ``AutoConfig`` and
+  ``AutoTokenizer``) is replaced by the same-shaped config and a local Unigram T5
+  tokenizer (``tests/pipelines/tiny_tokenizers.py``), in both runs alike.
 - With the swap, every UNet, ControlNet and motion UNet gets the fused processors on its
   cross-attention layers right after construction, and again after diffusers'
   ``load_ip_adapter`` (``use_fused_processors``): the tests then exercise our processors
@@ -23,6 +26,7 @@ import tempfile
 import pytest
 
 HUB_TOKENIZERS = ("hf-internal-testing/tiny-random-clip",)
+HUB_T5 = "hf-internal-testing/tiny-random-t5"
 SWAPPED = {"models": 0, "layers": 0, "fused calls": 0}
 
 
@@ -50,16 +54,39 @@ def _tokenizer_folder() -> str:
     return folder
 
 
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizers():
+    """tests/pipelines/tiny_tokenizers.py, loaded by path (this plugin's folder is the only
+    one on PYTHONPATH)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines", "tiny_tokenizers.py")
+    spec = importlib.util.spec_from_file_location("instantstyle_tiny_tokenizers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _patch_tokenizers() -> None:
     import transformers
 
-    for name in ("CLIPTokenizer", "CLIPTokenizerFast", "AutoTokenizer"):
+    original_config = transformers.AutoConfig.from_pretrained.__func__
+
+    def config_from_pretrained(klass, path, *args, **kwargs):
+        if str(path) == HUB_T5:
+            return _tiny_tokenizers().tiny_t5_config()
+        return original_config(klass, path, *args, **kwargs)
+
+    transformers.AutoConfig.from_pretrained = classmethod(config_from_pretrained)
+    for name in ("CLIPTokenizer", "CLIPTokenizerFast", "AutoTokenizer", "T5Tokenizer", "T5TokenizerFast"):
         cls = getattr(transformers, name, None)
         if cls is None:
             continue
         original = cls.from_pretrained.__func__
 
         def from_pretrained(klass, path, *args, _original=original, **kwargs):
+            if str(path) == HUB_T5:
+                return _tiny_tokenizers().t5_tokenizer(tempfile.mkdtemp(prefix="peer-t5-"))
             if str(path) in HUB_TOKENIZERS:
                 folder = _tokenizer_folder()
                 return transformers.CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
