@@ -185,6 +185,13 @@ def fmt_ms(ms: Optional[float]) -> str:
     return f"{ms * 1e3:.1f} us" if ms < 1 else f"{ms:.2f} ms"
 
 
+
+def _overhead_table(rows) -> tuple:
+    """UNet overhead over diffusers' no-IP step, and over the same processors without IP."""
+    pct = lambda v: "" if v is None else f"{v:+.1f}%"  # noqa: E731
+    return (["case", "provider", "ms/step", "over diffusers' no-ip", "over own no-ip"],
+            [[r["case"], r["provider"], fmt_ms(r["ms"]), pct(r["overhead_pct"]), pct(r.get("overhead_own_pct"))] for r in rows])
+
 def fmt_ratio(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -302,9 +309,7 @@ def render_text(rows: Sequence[dict], notes: Sequence[str]) -> str:
         extra = [r for r in srows if r.get("overhead_pct") is not None]
         if extra:
             parts.append(f"-- {suite} suite, overhead over no IP-Adapter --")
-            parts.append(text_table(["case", "provider", "ms/step", "overhead"],
-                                    [[r["case"], r["provider"], fmt_ms(r["ms"]), f"{r['overhead_pct']:+.1f}%"]
-                                     for r in extra]))
+            parts.append(text_table(*_overhead_table(extra)))
     labels = label_lines(rows)
     if labels:
         parts.append("== labels ==")
@@ -337,9 +342,7 @@ def render_markdown(rows: Sequence[dict], notes: Sequence[str], meta: dict, png_
         extra = [r for r in srows if r.get("overhead_pct") is not None]
         if extra:
             parts += ["Overhead over no IP-Adapter:", "",
-                      markdown_table(["case", "provider", "ms/step", "overhead"],
-                                     [[r["case"], r["provider"], fmt_ms(r["ms"]), f"{r['overhead_pct']:+.1f}%"]
-                                      for r in extra]), ""]
+                      markdown_table(*_overhead_table(extra)), ""]
     labels = label_lines(rows)
     if labels:
         parts += ["## Labels", ""] + [f"- {line}" for line in labels] + [""]
