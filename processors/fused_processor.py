@@ -26,6 +26,7 @@ from .layer_inputs import parse, project
 from .model_state import attached_at
 from .pipeline import attend
 from .sites import unet_of
+from .step_cache import OwnsStepCaches, StepCache
 
 
 def _run(attn, layer, own) -> torch.Tensor:
@@ -36,7 +37,7 @@ def _run(attn, layer, own) -> torch.Tensor:
     return attend(layer, [*own, *((e.contributor, e.weight) for e in entries)], first.site, first.state)
 
 
-class FusedIPAdapterAttnProcessor(IPAdapterStreams, IPAdapterAttnProcessor2_0):
+class FusedIPAdapterAttnProcessor(OwnsStepCaches, IPAdapterStreams, IPAdapterAttnProcessor2_0):
     """``IPAdapterAttnProcessor2_0`` with the text and image branches fused into one op.
 
     Same constructor, attributes (``to_k_ip``, ``to_v_ip``, ``scale``, ``num_tokens``,
@@ -55,16 +56,18 @@ class FusedIPAdapterAttnProcessor(IPAdapterStreams, IPAdapterAttnProcessor2_0):
         IPAdapterAttnProcessor2_0.__init__(self, hidden_size, cross_attention_dim, [num_tokens[a] for a in ids], 1.0)
         self.init_streams(ids, num_tokens, scale)
         self.fallback_reason: Optional[str] = None
+        self.text_kv_cache = StepCache()  # the layer's text K/V while the prompt is unchanged
         self.__dict__["__call__"] = _SignedCall(self)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale: float = 1.0, ip_adapter_masks=None):
-        layer = parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, self.num_tokens[0], ip_adapter_masks)
+        layer = parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, self.num_tokens[0], ip_adapter_masks,
+                      self.text_kv_cache)
         if self.fallback_reason is not layer.fallback_reason:  # written only on change: nn.Module.__setattr__ is slow
             self.fallback_reason = layer.fallback_reason
         return project(attn, _run(attn, layer, ((self, 1.0),)), layer)
 
 
-class FusedAttnProcessor(torch.nn.Module):
+class FusedAttnProcessor(OwnsStepCaches, torch.nn.Module):
     """Attention without IP weights, through the same pipeline and op.
 
     Constructible without arguments, so diffusers (which re-instantiates non-IP
@@ -76,11 +79,12 @@ class FusedAttnProcessor(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.fallback_reason: Optional[str] = None
+        self.text_kv_cache = StepCache()
         self.__dict__["__call__"] = _SignedCall(self)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale: float = 1.0, ip_adapter_masks=None):
         # ``scale`` and ``ip_adapter_masks`` are declared so diffusers passes them without a warning
-        layer = parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        layer = parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, text_cache=self.text_kv_cache)
         if self.fallback_reason is not layer.fallback_reason:
             self.fallback_reason = layer.fallback_reason
         return project(attn, _run(attn, layer, ()), layer)

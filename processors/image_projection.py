@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-from .step_cache import StepCache
+from .step_cache import OwnsStepCaches, StepCache
 
 
-class CachedImageProjection(MultiIPAdapterImageProjection):
+class CachedImageProjection(OwnsStepCaches, MultiIPAdapterImageProjection):
     def __init__(self, layers):
         super().__init__(layers)
         self.step_cache = StepCache()

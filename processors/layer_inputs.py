@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
-from .step_cache import StepCache, cacheable
+from .step_cache import StepCache
 
 
 def plain_linear(module) -> bool:
@@ -43,25 +43,21 @@ def weights(module) -> list:
     return [p for p in module._parameters.values() if p is not None]
 
 
-_TEXT_KV = "_instantstyle_text_kv"
-
-
-def _text_kv(attn, text_states: torch.Tensor):
+def _text_kv(attn, text_states: torch.Tensor, cache: Optional[StepCache]):
     """Cross-attention keys and values of the text.  A pipeline passes the same prompt
     embeddings at every step, so while they and the projections are unchanged the last
-    result is reused (``step_cache``): two projections less per layer and step.  Only for
-    bare projections without norm_cross, whose output depends on nothing else."""
+    result is reused (``cache``, the processor's: see ``step_cache``): two projections less
+    per layer and step.  Only for bare projections without norm_cross, whose output
+    depends on nothing else."""
     def project():
         return linear(attn.to_k, text_states), linear(attn.to_v, text_states)
 
-    to_k, to_v = attn.to_k, attn.to_v
-    if attn.norm_cross or not (plain_linear(to_k) and plain_linear(to_v)) or not cacheable((text_states,)):
-        if attn.norm_cross:
-            text_states = attn.norm_encoder_hidden_states(text_states)
+    if attn.norm_cross:
+        text_states = attn.norm_encoder_hidden_states(text_states)
         return project()
-    cache = attn.__dict__.get(_TEXT_KV)
-    if cache is None:
-        cache = attn.__dict__[_TEXT_KV] = StepCache()
+    to_k, to_v = attn.to_k, attn.to_v
+    if cache is None or not (plain_linear(to_k) and plain_linear(to_v)):
+        return project()
     return cache.get((text_states, *weights(to_k), *weights(to_v)), project)
 
 
@@ -112,7 +108,8 @@ def _key_padding_bias(attention_mask: torch.Tensor, batch: int, lt: int) -> Opti
     return None
 
 
-def parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, num_ip_tokens=None, ip_adapter_masks=None) -> LayerInputs:
+def parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, num_ip_tokens=None, ip_adapter_masks=None,
+          text_cache: Optional[StepCache] = None) -> LayerInputs:
     residual = hidden_states
     text_states, ip_states = split_encoder_states(encoder_hidden_states, num_ip_tokens)
     if attn.spatial_norm is not None:
@@ -129,7 +126,7 @@ def parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, num_
     if text_states is None:  # self-attention: keys change with every step
         key, value = linear(attn.to_k, hidden_states), linear(attn.to_v, hidden_states)
     else:
-        key, value = _text_kv(attn, text_states)
+        key, value = _text_kv(attn, text_states, text_cache)
     heads = attn.heads
     head_dim = key.shape[-1] // heads
     q = query.view(batch, -1, heads, head_dim)

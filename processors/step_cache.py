@@ -7,8 +7,11 @@ resampler per step); :class:`StepCache` remembers the last result and the exact 
 it came from, and returns it while they are unchanged.
 
 "Unchanged" is checked exactly: the cache holds the input tensors themselves (so their
-identity can't be reused by new tensors) and their version counters (bumped by every
-in-place write), and the same for the weights.  It never caches
+identity can't be reused by new tensors), their version counters (bumped by every
+in-place write) and data pointers, and the same for the weights.  ``module.to(...)``,
+``.half()``, ``.cuda()`` swap a parameter's data without bumping its version, so the
+modules that own caches (:class:`OwnsStepCaches`) empty them whenever they are converted.
+It never caches
 
 - while autograd records (training, or inputs that require grad);
 - inference-mode tensors (they keep no version counter, so an in-place edit inside
@@ -40,24 +43,24 @@ def cacheable(tensors: Sequence[torch.Tensor]) -> bool:
 class StepCache:
     """One remembered result of ``fn(*tensors)``."""
 
-    __slots__ = ("tensors", "versions", "value")
+    __slots__ = ("tensors", "stamps", "value")
 
     def __init__(self):
-        self.tensors, self.versions, self.value = (), (), None
+        self.clear()
 
     def get(self, tensors: Sequence[torch.Tensor], fn: Callable[[], object]):
         """``fn()``, or its remembered result when ``tensors`` are the same, unmodified tensors."""
         if not cacheable(tensors):
             return fn()
         if len(tensors) == len(self.tensors) and all(a is b for a, b in zip(tensors, self.tensors)) \
-                and all(t._version == v for t, v in zip(tensors, self.versions)):
+                and all((t._version, t.data_ptr()) == s for t, s in zip(tensors, self.stamps)):
             return self.value
         self.value = fn()
-        self.tensors, self.versions = tuple(tensors), tuple(t._version for t in tensors)
+        self.tensors, self.stamps = tuple(tensors), tuple((t._version, t.data_ptr()) for t in tensors)
         return self.value
 
     def clear(self) -> None:
-        self.tensors, self.versions, self.value = (), (), None
+        self.tensors, self.stamps, self.value = (), (), None
 
     # Copies start empty: a copied model's tensors are new objects anyway.
     def __deepcopy__(self, memo):
@@ -65,3 +68,15 @@ class StepCache:
 
     def __reduce__(self):
         return (StepCache, ())
+
+
+class OwnsStepCaches:
+    """Mixin for an ``nn.Module`` holding :class:`StepCache` attributes (or lists of them):
+    every conversion (``to``, ``half``, ``cuda``, ...) empties them first."""
+
+    def _apply(self, fn, *args, **kwargs):
+        for value in self.__dict__.values():
+            for cache in value if isinstance(value, list) else (value,):
+                if isinstance(cache, StepCache):
+                    cache.clear()
+        return super()._apply(fn, *args, **kwargs)

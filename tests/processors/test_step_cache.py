@@ -159,3 +159,21 @@ def test_projections_that_are_not_bare_linears_are_never_cached():
     finally:
         ScaledLinear.factor = 1.0
     assert (second - first).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("convert", ["to float64 and back", "data swapped"])
+def test_conversions_that_keep_parameter_versions_empty_the_caches(convert):
+    unet = _loaded()
+    embeds = [image_embeds(2, 1, seed=7)]
+    first = _step(unet, embeds)
+    with torch.no_grad():
+        if convert == "data swapped":  # .data= keeps the Parameter and its version counter
+            for name, p in unet.named_parameters():
+                if ("to_k" in name or "to_v" in name or "encoder_hid_proj" in name) and p.dim() == 2:
+                    p.data = p.data * 1.5
+        else:  # round trip: the same dtype again, the values rounded through float16
+            unet.half()
+            unet.float()
+    second = _step(unet, embeds)
+    assert (second - first).abs().max() > 1e-6
+    check_close(second, _fresh(unet, embeds), "fp32")
