@@ -40,6 +40,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, Fl
 from . import diffusers_compat
 from .contributors import AttentionCall
 from .ip_adapter import IPAdapterStreams
+from .joint_methods import changed_joint_attention
 from .joint_observe import observed_joint_attention
 from .layer_inputs import LayerInputs
 from .pipeline import attend
@@ -69,10 +70,15 @@ def joint_attention(proc, attn, hidden_states, encoder_hidden_states, attention_
         key = torch.cat([encoder_key, key], dim=1)
         value = torch.cat([encoder_value, value], dim=1)
         text_len = encoder_hidden_states.shape[1]
-    if image_rotary_emb is not None:
-        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-    # attention-map capture (joint_observe) needs the probabilities; otherwise diffusers' path
+    # methods that change joint attention (joint_methods: StyleAligned) work on the
+    # image part before RoPE; attention-map capture (joint_observe) needs the
+    # probabilities; otherwise diffusers' path
+    rotate = None if image_rotary_emb is None else (lambda t: apply_rotary_emb(t, image_rotary_emb, sequence_dim=1))
+    out = changed_joint_attention(attn, query, key, value, text_len, False, rotate, attention_mask)
+    if out is not None:
+        return out.flatten(2, 3).to(query.dtype), text_len, ip_query
+    if rotate is not None:
+        query, key = rotate(query), rotate(key)
     out = observed_joint_attention(attn, query, key, value, text_len, False, attention_mask)
     if out is None:
         out = dispatch_attention_fn(

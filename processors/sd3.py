@@ -23,6 +23,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0, SD3IPAda
 
 from . import diffusers_compat
 from .contributors import AttentionCall, Contributor
+from .joint_methods import changed_joint_attention
 from .joint_observe import observed_joint_attention
 from .layer_inputs import LayerInputs
 from .pipeline import attend
@@ -51,9 +52,13 @@ def joint_attention(attn, hidden_states, encoder_hidden_states):
         if attn.norm_added_k is not None:
             ek = attn.norm_added_k(ek)
         query, key, value = torch.cat([query, eq], dim=2), torch.cat([key, ek], dim=2), torch.cat([value, ev], dim=2)
-    # attention-map capture (joint_observe) needs the probabilities; otherwise SDPA as diffusers
+    # methods that change joint attention (joint_methods: StyleAligned) see the image
+    # part; attention-map capture (joint_observe) needs the probabilities; otherwise SDPA
     text_len = query.shape[2] - n
-    out = observed_joint_attention(attn, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), text_len, True)
+    seq = (query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    out = changed_joint_attention(attn, *seq, text_len, True)
+    if out is None:
+        out = observed_joint_attention(attn, *seq, text_len, True)
     if out is None:
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False).transpose(1, 2)
     out = out.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)

@@ -26,7 +26,7 @@ from typing import Dict
 from .. import model_state
 from ..contributors import Attached
 from ..conversion import PLAIN_CLASSES, fused_equivalent
-from ..dit_methods import check_dit_method, dit_equivalent, dit_plain_classes
+from ..dit_methods import check_dit_method, dit_equivalent, dit_gate_steps, dit_plain_classes
 from ..registry import Injection, registry_of
 from ..sites import transformer_family, unet_of
 from ..validation import describe
@@ -51,13 +51,15 @@ def apply_method(model_or_pipeline, method: EditingMethod) -> Injection:
     dit = transformer_family(unet) is not None
     if dit:  # Flux / SD3 joint attention: what is supported there (dit_methods)
         check_dit_method(method)
-    resolved = registry.resolve(method.target, method.kind)
+    # a DiT's joint attention is self- and cross-attention at once (joint_observe): every
+    # site is a candidate for either kind
+    resolved = registry.resolve(method.target, "any" if dit else method.kind)
+    if dit:  # single-stream blocks don't know where the text ends: joint blocks only
+        resolved = {s.name: resolved[s.name] for s in registry.sites if s.name in resolved and s.kind == "joint"}
     chosen = [s for s in method.select_sites(list(resolved)) if s in resolved]
-    if dit:  # single-stream blocks don't know where the text ends: no maps there
-        chosen = [s.name for s in registry.sites if s.name in chosen and s.kind == "joint"]
     if not chosen:
         raise ValueError(f"{method.name}: target {method.target!r} leaves no {method.kind}-attention layer"
-                         + (" (on Flux, maps are captured at the double-stream blocks)" if dit else ""))
+                         + (" (on Flux, methods act at the double-stream blocks)" if dit else ""))
     modules = {s.name: s.module for s in registry.sites}
     equivalent = dit_equivalent if dit else fused_equivalent
     plain = dit_plain_classes() if dit else PLAIN_CLASSES
@@ -65,7 +67,7 @@ def apply_method(model_or_pipeline, method: EditingMethod) -> Injection:
     procs = {site: equivalent(site, modules[site].processor) for site in chosen}
     if method.name in model_state.attached(unet):
         remove_method(unet, method.name)
-    method.gate.num_train_timesteps = int(_train_steps(model_or_pipeline))
+    method.gate.num_train_timesteps = dit_gate_steps(transformer_family(unet)) if dit else int(_train_steps(model_or_pipeline))
     method.patch_modules(unet)  # may refuse (raise) before anything changed
     entries = {}
     for site, proc in procs.items():

@@ -20,6 +20,14 @@ row, so rows ``0`` and ``B//2``):
    but patches nothing: a UNet's LayerNorms are per token, where sharing is a no-op.
    The norms follow the method's ``cfg`` and step gate, and ``remove_method`` restores
    them exactly.
+
+On Flux double-stream and SD3 joint blocks (:mod:`instantstyle.processors.joint_methods`)
+the same hooks see the image tokens of the joint sequence only: AdaIN of the image
+queries/keys (after qk-norm, before RoPE; statistics over image tokens), the
+reference's image keys/values appended to every row's one joint softmax (text query
+rows included); text queries/keys untouched and the reference's text not appended.
+DiTs have no GroupNorm and only per-token LayerNorms, so ``share_group_norm`` /
+``share_layer_norm`` patch nothing there.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import torch
 
 from .base import AttentionCall, EditingMethod, reference_rows
 from .shared_norms import share_group_norms, unshare_group_norms
+from ..sites import transformer_family
 from ..validation import describe, require_fraction, require_number
 
 EPS = 1e-5
@@ -99,7 +108,7 @@ class StyleAligned(EditingMethod):
         # LayerNorm: upstream appends the reference tokens on dim -2, but the UNet's
         # LayerNorms normalise each token over its channels alone, so the kept rows come
         # out the same; share_layer_norm patches nothing (see shared_norms).
-        if self.share_group_norm:
+        if self.share_group_norm and transformer_family(unet) is None:  # a DiT has no GroupNorm to share
             share_group_norms(unet, self.halves, self.gate, owner=self.name, label="StyleAligned batch")
 
     def unpatch_modules(self, unet):

@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from instantstyle.processors.methods import AttentionMapCapture, StyleAligned, apply_method, remove_method
+from instantstyle.processors.methods import AttentionMapCapture, EditingMethod, StyleAligned, apply_method, remove_method
 
 from dit_fixtures import embeds, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3, xlabs_state
 
@@ -113,12 +113,21 @@ def test_sd3_maps_match_by_hand_image_first_layout():
     assert dict(model.attn_processors) == before and type(before["transformer_blocks.1.attn.processor"]) is JointAttnProcessor2_0
 
 
-def test_methods_that_change_joint_attention_are_refused_untouched():
+class _ExtraStream(EditingMethod):
+    name = "extra_stream"
+
+    def streams(self, call):
+        return [(call.k, call.v, 1.0)]
+
+
+def test_methods_with_streams_or_single_stream_targets_are_refused_untouched():
     model = tiny_flux()
     before = dict(model.attn_processors)
-    with pytest.raises(ValueError, match=r"method: style_aligned changes attention .* only observers"):
-        apply_method(model, StyleAligned())
-    with pytest.raises(ValueError, match=r"leaves no cross-attention layer \(on Flux, maps are captured at the double-stream"):
+    with pytest.raises(ValueError, match=r"method: extra_stream adds attention streams .* only kinds 2-5"):
+        apply_method(model, _ExtraStream())
+    with pytest.raises(ValueError, match=r"leaves no cross-attention layer \(on Flux, methods act at the double-stream"):
         apply_method(model, AttentionMapCapture(target="single"))
+    with pytest.raises(ValueError, match=r"leaves no self-attention layer"):
+        apply_method(model, StyleAligned(target="single"))
     assert dict(model.attn_processors) == before
     copy.deepcopy(model)  # still a plain model
