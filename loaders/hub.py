@@ -175,6 +175,65 @@ def attach_image_encoder(pipe, sources, subfolder=None, image_encoder_folder: Op
     return True
 
 
+#: the image encoder each DiT adapter format was trained with: (family, what to pass)
+DIT_ENCODERS = {
+    "xlabs": ("clip", "a CLIP ViT-L/14 encoder with projection (openai/clip-vit-large-patch14)"),
+    "instantx": ("siglip", "a SigLIP encoder (google/siglip-so400m-patch14-384)"),
+    "instantx-sd3": ("siglip", "a SigLIP encoder (google/siglip-so400m-patch14-384)"),
+}
+
+
+def _has_config(name: str, subfolder: Optional[str], **hub_kwargs) -> bool:
+    from transformers import PretrainedConfig
+
+    if os.path.isdir(name) or looks_local(name):  # a local folder: never asked of the hub
+        return os.path.isfile(os.path.join(_join(name, subfolder), "config.json"))
+    try:
+        PretrainedConfig.get_config_dict(name, subfolder=subfolder or "", **hub_kwargs)
+        return True
+    except (OSError, ValueError):  # ValueError: not a valid repo id
+        return False
+
+
+def attach_dit_image_encoder(pipe, sources, subfolder=None, image_encoder_folder: Optional[str] = "image_encoder",
+                             fmt: Optional[str] = None, **hub_kwargs) -> bool:
+    """:func:`attach_image_encoder` for Flux/SD3.5 adapters, whose repos ship no encoder.
+
+    ``image_encoder_folder`` is looked up next to the adapter first, as for UNets (under
+    ``subfolder``, or next to a checkpoint file), then as a local folder or hub id of its
+    own (diffusers' Flux/SD3 ``image_encoder_pretrained_model_name_or_path``).  The
+    default ``"image_encoder"`` found nowhere is skipped (pass ``ip_adapter_image_embeds``);
+    any other name found nowhere is an error.  The folder's config must be the family
+    ``fmt`` was trained with (:data:`DIT_ENCODERS`), checked before any weight is loaded.
+    """
+    if image_encoder_folder is None or not hasattr(pipe, "register_modules") or not hasattr(pipe, "image_encoder"):
+        return False
+    if getattr(pipe, "image_encoder", None) is None:
+        kwargs = check_hub_kwargs(hub_kwargs)
+        first = sources[0] if isinstance(sources, (list, tuple)) else sources
+        first_sub = subfolder[0] if isinstance(subfolder, (list, tuple)) else subfolder
+        places = [_encoder_location(first, first_sub, image_encoder_folder)] if isinstance(first, (str, os.PathLike)) else []
+        if image_encoder_folder != "image_encoder":  # the default names no folder or repo of its own
+            places.append((os.fspath(image_encoder_folder), None))
+        found = next((p for p in places if _has_config(*p, **kwargs)), None)
+        if found is None:
+            if image_encoder_folder == "image_encoder":
+                return False
+            tried = ", ".join(repr(_join(*p)) for p in places)
+            raise FileNotFoundError(f"image_encoder_folder: expected an image encoder (a folder or hub id with config.json), "
+                                    f"found none at {tried}")
+        family, wanted = DIT_ENCODERS.get(fmt, (None, None))
+        got = "siglip" if _vision_model_class(*found, **kwargs).__name__.startswith("Siglip") else "clip"
+        if family is not None and got != family:
+            raise ValueError(f"image_encoder_folder: a {fmt} adapter needs {wanted}, got a {got.upper()} encoder at "
+                             f"{_join(*found)!r}")
+        encoder = load_pretrained_encoder(*found, dtype=pipe.dtype, **hub_kwargs).to(pipe.device)
+        pipe.register_modules(image_encoder=encoder)
+    if hasattr(pipe, "feature_extractor") and getattr(pipe, "feature_extractor", None) is None:
+        pipe.register_modules(feature_extractor=default_image_processor(pipe.image_encoder))
+    return True
+
+
 def _vision_model_class(name: str, subfolder: Optional[str], **hub_kwargs):
     """CLIP (``CLIPVisionModelWithProjection``: SD, SDXL, XLabs Flux) or SigLIP
     (``SiglipVisionModel``: InstantX Flux and SD3.5), read from the folder's config so a
@@ -237,5 +296,5 @@ def load_image_processor(name: str, subfolder: Optional[str] = None, encoder=Non
 
 
 SourceList = Union[str, os.PathLike, dict, Sequence]
-__all__: List[str] = ["resolve_checkpoints", "resolve_one", "attach_image_encoder", "download", "HubDownloadError",
+__all__: List[str] = ["resolve_checkpoints", "resolve_one", "attach_image_encoder", "attach_dit_image_encoder", "download", "HubDownloadError",
                       "load_pretrained_encoder", "load_image_processor", "default_image_processor", "is_siglip", "OFFICIAL"]

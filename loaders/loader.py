@@ -157,7 +157,8 @@ def load_ip_adapter(
 
     if transformer_family(unet_of(model_or_pipeline)) is not None:  # Flux / SD3.5: loaders/transformer.py
         return load_transformer_ip_adapter(model_or_pipeline, checkpoint, target, scale, subfolder=subfolder, weight_name=weight_name,
-                                           start_at=start_at, end_at=end_at, arch=arch, **hub_kwargs)
+                                           image_encoder_folder=image_encoder_folder, start_at=start_at, end_at=end_at, arch=arch,
+                                           **hub_kwargs)
     unet = unet_of(model_or_pipeline)
     checkpoints = resolve_checkpoints(checkpoint, subfolder, weight_name, **hub_kwargs)  # files or state dicts
     if checkpoints:  # before the UNet is touched; a failure here leaves the pipeline as it was

@@ -75,11 +75,14 @@ def _restrict(weights: dict, capable: set, target, fmt: str, source: str) -> dic
 
 
 def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", scale=1.0, *, subfolder=None, weight_name=None,
-                                start_at=0.0, end_at=1.0, arch: Optional[str] = None, **hub_kwargs) -> TransformerLoadReport:
+                                image_encoder_folder: Optional[str] = "image_encoder", start_at=0.0, end_at=1.0,
+                                arch: Optional[str] = None, **hub_kwargs) -> TransformerLoadReport:
     """See :func:`instantstyle.loaders.load_ip_adapter`; for Flux and SD3 transformers.
-    Image encoders are not attached (pass ``ip_adapter_image_embeds``, or register the
-    encoder yourself: CLIP ViT-L for XLabs, SigLIP for InstantX)."""
-    from .hub import resolve_checkpoints
+    A pipeline without an image encoder gets one from ``image_encoder_folder``
+    (:func:`~instantstyle.loaders.hub.attach_dit_image_encoder`: next to the adapter, or a
+    folder / hub id of its own; CLIP ViT-L for XLabs, SigLIP for InstantX, checked),
+    after the checkpoints are read and checked and before the model is touched."""
+    from .hub import attach_dit_image_encoder, resolve_checkpoints
 
     model = unet_of(model_or_pipeline)
     family = transformer_family(model)
@@ -118,7 +121,9 @@ def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", sca
         projection = MultiIPAdapterImageProjection(projections)
         layers = [list(w) for w in weights]
 
-    # nothing above touched the model.  As diffusers: drop the old image projection
+    # nothing above touched the model; a missing or wrong encoder still leaves it as it was
+    attach_dit_image_encoder(model_or_pipeline, checkpoint, subfolder, image_encoder_folder, fmt, **hub_kwargs)
+    # As diffusers: drop the old image projection
     # first (SD3's has attention modules of its own), then set processors.
     diffusers_compat.register_processor_classes()
     if family == "sd3":
