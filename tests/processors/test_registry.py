@@ -143,10 +143,10 @@ def test_patterns_globs_and_dicts(sdxl):
 
 
 def test_registry_records_methods_and_custom_presets(sdxl):
-    register_preset("sdxl", "vsp", ["up_blocks.1"])
+    register_preset("sdxl", "test_decoder", ["up_blocks.1"])  # a name of its own: "vsp" belongs to a method
     try:
         reg = InjectionRegistry(sdxl)
-        planned = {"visual_style_prompting": reg.resolve("vsp", kind="self")}
+        planned = {"visual_style_prompting": reg.resolve("test_decoder", kind="self")}
         assert len(planned["visual_style_prompting"]) == 6
         rows = {r["name"]: r for r in reg.table(planned)}
         assert rows["up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"]["injected"] == ["visual_style_prompting"]
@@ -154,7 +154,7 @@ def test_registry_records_methods_and_custom_presets(sdxl):
         assert rows["up_blocks.0.attentions.1.transformer_blocks.0.attn2.processor"]["queries"] == 1024
         assert reg.injections == {}  # planned only: nothing is on the model
     finally:
-        del PRESETS["sdxl"]["vsp"]
+        del PRESETS["sdxl"]["test_decoder"]
 
 
 def test_bad_targets_raise_clear_errors(sdxl):
