@@ -146,7 +146,9 @@ def load_ip_adapter(
             ``CLIPVisionModelWithProjection`` from this folder (under ``subfolder``; a path
             with ``/`` is relative to the repo root) and a ``CLIPImageProcessor`` as
             ``feature_extractor``; ``None`` skips it.  Next to a checkpoint file it is used
-            when present; a state dict carries none.
+            when present; a state dict carries none.  Flux/SD3: next to the adapter first,
+            else a folder or hub id of its own (CLIP ViT-L for XLabs, SigLIP for InstantX,
+            checked before loading); the default is optional there.
         **hub_kwargs: ``cache_dir``, ``force_download``, ``proxies``, ``local_files_only``,
             ``token``, ``revision`` (``HF_HUB_OFFLINE=1`` reads the local cache only).
 
