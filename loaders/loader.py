@@ -19,7 +19,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoints import layer_ids, layer_weights, num_image_tokens, read_checkpoint
 from ..processors import diffusers_compat
 from ..processors.fused_processor import FusedIPAdapterAttnProcessor
 from ..processors.gating import StepGate
@@ -27,8 +26,10 @@ from ..processors.image_projection import CachedImageProjection
 from ..processors.model_state import ensure_step_hook
 from ..processors.registry import registry_of
 from ..processors.sites import ip_key_ids, ip_sites, transformer_family, unet_of
-from .transformer import load_transformer_ip_adapter
 from ..processors.validation import require_scale
+from .checkpoints import layer_ids, layer_weights, num_image_tokens, read_checkpoint
+from .report import SavingsReport, per_adapter
+from .transformer import load_transformer_ip_adapter
 
 
 @dataclass
@@ -41,7 +42,7 @@ class AdapterReport:
 
 
 @dataclass
-class LoadReport:
+class LoadReport(SavingsReport):
     """What was loaded, and what the targets saved against loading every layer."""
 
     adapters: List[AdapterReport]
@@ -50,24 +51,13 @@ class LoadReport:
     bytes_per_param: int
     replaced: Dict[str, object] = field(default_factory=dict, repr=False)
 
-    @property
-    def params_saved(self) -> int:
-        return self.ip_params_all_layers - self.ip_params
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.params_saved * self.bytes_per_param
-
     def __str__(self) -> str:
         lines = [
             f"adapter {i} ({a.source}, {a.num_tokens} tokens/image): {len(a.layers)} layers"
             + (f", {a.gate}" if a.gate is not None else "")
             for i, a in enumerate(self.adapters)
         ]
-        lines.append(
-            f"IP parameters: {self.ip_params:,} held of {self.ip_params_all_layers:,} "
-            f"({self.params_saved:,} / {self.bytes_saved / 2**20:.1f} MiB saved)"
-        )
+        lines.append(self.savings_line())
         return "\n".join(lines)
 
 
@@ -87,13 +77,6 @@ def ip_param_counts(model_or_pipeline, target, num_adapters: int = 1) -> Dict[st
     }
 
 
-def _per_adapter(name: str, value, n: int) -> list:
-    """With several checkpoints a list gives one entry per checkpoint; anything else is shared."""
-    if n > 1 and isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name}: expected one entry per checkpoint ({n}) or one value for all, got {len(value)}")
-        return list(value)
-    return [value] * n
 
 
 def _scaled(scale, weight):
@@ -168,9 +151,9 @@ def load_ip_adapter(
     if not checkpoints:
         raise ValueError("checkpoint: expected at least one checkpoint, got an empty list")
     n = len(checkpoints)
-    targets = _per_adapter("target", target, n)
-    scales = [require_scale(f"scale[{i}]" if n > 1 else "scale", s) for i, s in enumerate(_per_adapter("scale", scale, n))]
-    starts, ends = _per_adapter("start_at", start_at, n), _per_adapter("end_at", end_at, n)
+    targets = per_adapter("target", target, n)
+    scales = [require_scale(f"scale[{i}]" if n > 1 else "scale", s) for i, s in enumerate(per_adapter("scale", scale, n))]
+    starts, ends = per_adapter("start_at", start_at, n), per_adapter("end_at", end_at, n)
 
     states = [read_checkpoint(c) for c in checkpoints]
     sites = ip_sites(unet)

@@ -19,10 +19,11 @@ from ..processors.registry import registry_of
 from ..processors.sites import attention_sites, transformer_family, unet_of
 from ..processors.validation import require_scale
 from . import flux, sd3
+from .report import SavingsReport, per_adapter
 
 
 @dataclass
-class TransformerLoadReport:
+class TransformerLoadReport(SavingsReport):
     """What was loaded, and what the targets saved against loading every capable layer."""
 
     family: str
@@ -35,28 +36,13 @@ class TransformerLoadReport:
     bytes_per_param: int
     replaced: Dict[str, object] = field(default_factory=dict, repr=False)
 
-    @property
-    def params_saved(self) -> int:
-        return self.ip_params_all_layers - self.ip_params
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.params_saved * self.bytes_per_param
-
     def __str__(self) -> str:
         lines = [f"adapter {i} ({src}, {self.format}, {t} tokens/image): {len(ls)} layers"
                  for i, (src, t, ls) in enumerate(zip(self.sources, self.num_tokens, self.layers))]
-        lines.append(f"IP parameters: {self.ip_params:,} held of {self.ip_params_all_layers:,} "
-                     f"({self.params_saved:,} / {self.bytes_saved / 2**20:.1f} MiB saved)")
+        lines.append(self.savings_line())
         return "\n".join(lines)
 
 
-def _per_adapter(name: str, value, n: int) -> list:
-    if n > 1 and isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name}: expected one entry per checkpoint ({n}) or one value for all, got {len(value)}")
-        return list(value)
-    return [value] * n
 
 
 def _restrict(weights: dict, capable: set, target, fmt: str, source: str) -> dict:
@@ -90,9 +76,9 @@ def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", sca
     if not checkpoints:
         raise ValueError("checkpoint: expected at least one checkpoint, got an empty list")
     n = len(checkpoints)
-    targets = _per_adapter("target", target, n)
-    scales = [require_scale(f"scale[{i}]" if n > 1 else "scale", s) for i, s in enumerate(_per_adapter("scale", scale, n))]
-    starts, ends = _per_adapter("start_at", start_at, n), _per_adapter("end_at", end_at, n)
+    targets = per_adapter("target", target, n)
+    scales = [require_scale(f"scale[{i}]" if n > 1 else "scale", s) for i, s in enumerate(per_adapter("scale", scale, n))]
+    starts, ends = per_adapter("start_at", start_at, n), per_adapter("end_at", end_at, n)
     states = [flux.read_flux_checkpoint(c) for c in checkpoints]
     sites = attention_sites(model)
     registry = registry_of(model, arch)
