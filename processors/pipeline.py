@@ -85,7 +85,12 @@ def _streams(call: AttentionCall, entries) -> list:
 
 def _observers(call: AttentionCall, entries) -> list:
     """Observers that want this call.  Eager only: attention maps read values on the host."""
-    return [c for c, _ in entries if 5 in c.kinds and bool(c.gate is None or c.gate.value > 0) and c.observing(call)]
+    return [c for c, _ in entries if 5 in kinds_of(type(c)) and _is_open(c) and c.observing(call)]
+
+
+def _is_open(contributor) -> bool:
+    gate = _open(contributor)
+    return gate is None or bool(gate > 0)  # a host read, but only for a gate that can close
 
 
 def attend(layer: LayerInputs, entries: Sequence, site: str = "", info=None) -> torch.Tensor:
@@ -134,8 +139,7 @@ def _trusted_streams(call: AttentionCall, entries) -> torch.Tensor:
     """The hot path (a layer with IP-Adapter or nothing attached): contributions built by
     our own code from the layer's projections skip the op's argument checks."""
     streams = [s for c, w in entries for s in c.streams(call)]
-    if any(s[3] is not None for s in streams):  # masked images: the checked path handles them
-        return decoupled_attention(call.q, call.k, call.v, [s[0] for s in streams], [s[1] for s in streams],
-                                   [s[2] for s in streams], [s[3] for s in streams], call.text_bias)
-    return run_inputs(processor_inputs(call.q, call.k, call.v, [s[0] for s in streams], [s[1] for s in streams],
-                                       [s[2] for s in streams], call.text_bias))
+    ks, vs, scales, masks = zip(*streams) if streams else ((), (), (), ())
+    if any(m is not None for m in masks):  # masked images: the checked path handles them
+        return decoupled_attention(call.q, call.k, call.v, ks, vs, scales, masks, call.text_bias)
+    return run_inputs(processor_inputs(call.q, call.k, call.v, ks, vs, scales, call.text_bias))
