@@ -52,7 +52,7 @@ def _modules(device, dtype):
 
 def _batch(module, x, context, sync):
     def run():
-        with torch.inference_mode():
+        with torch.no_grad():  # as diffusers' pipelines call the UNet
             for _ in range(CALLS_PER_RUN):
                 module(x, encoder_hidden_states=context)
             sync()

@@ -90,24 +90,18 @@ def _needs_grad(inputs: AttentionInputs) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs.tensors)
 
 
-def triton_reasons(inputs: AttentionInputs, explicit: bool = False, target: Optional[Target] = None,
-                   first_only: bool = False) -> List[str]:
-    """Every reason the fused Triton kernel can't run these inputs (empty: it can).
+@functools.lru_cache(maxsize=None)
+def _target_reasons(target: Target, dtype: torch.dtype, explicit: bool, interpreting: bool, allow_tf32: bool) -> tuple:
+    """The reasons that depend on where the call runs and its dtype only: found once per
+    (target, dtype) — the dispatch runs at every layer call, where microseconds count."""
+    from .triton_decoupled import SUPPORTED_DTYPES
 
-    ``explicit`` is True when the caller asked for ``backend="triton"``: then CPU
-    tensors run in the interpreter (for tests) and fp32 runs with tf32 dots.
-    ``first_only`` stops at the first reason (the per-call hot path needs no more).
-    """
-    from .triton_decoupled import MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES, interpreting
-
-    reasons = []
     missing = triton_available()
     if missing:
-        return [missing]
-    q = inputs.q
-    target = target or target_of(q.device)
+        return (missing,)
+    reasons = []
     if target.device_type == "cpu":
-        if not interpreting():
+        if not interpreting:
             reasons.append("CPU tensors: Triton kernels run on CUDA GPUs (or interpreted with TRITON_INTERPRET=1)")
         elif not explicit:
             reasons.append("CPU tensors under TRITON_INTERPRET=1: the interpreter is for tests; ask for backend='triton'")
@@ -116,12 +110,28 @@ def triton_reasons(inputs: AttentionInputs, explicit: bool = False, target: Opti
     elif target.capability < MIN_CAPABILITY:
         cap = target.capability
         reasons.append(f"compute capability {cap[0]}.{cap[1]}: the kernel is built and checked for sm_80 and newer")
-    if reasons and first_only:
-        return reasons
-    if q.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {q.dtype}: the kernel supports float16, bfloat16 and float32")
-    elif q.dtype == torch.float32 and target.device_type == "cuda" and not explicit and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype}: the kernel supports float16, bfloat16 and float32")
+    elif dtype == torch.float32 and target.device_type == "cuda" and not explicit and not allow_tf32:
         reasons.append("float32 would run with tf32 dots, and torch.backends.cuda.matmul.allow_tf32 is False")
+    return tuple(reasons)
+
+
+def triton_reasons(inputs: AttentionInputs, explicit: bool = False, target: Optional[Target] = None,
+                   first_only: bool = False) -> List[str]:
+    """Every reason the fused Triton kernel can't run these inputs (empty: it can).
+
+    ``explicit`` is True when the caller asked for ``backend="triton"``: then CPU
+    tensors run in the interpreter (for tests) and fp32 runs with tf32 dots.
+    ``first_only`` stops at the first reason (the per-call hot path needs no more).
+    """
+    from .triton_decoupled import MAX_HEAD_DIM, MIN_HEAD_DIM, interpreting
+
+    q = inputs.q
+    target = target or target_of(q.device)
+    reasons = list(_target_reasons(target, q.dtype, explicit, interpreting(), torch.backends.cuda.matmul.allow_tf32))
+    if reasons and first_only:
+        return reasons[:1]
     head_dim = q.shape[-1]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         reasons.append(f"head dim {head_dim}: the kernel supports {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")

@@ -52,9 +52,12 @@ class StepCache:
         """``fn()``, or its remembered result when ``tensors`` are the same, unmodified tensors."""
         if not cacheable(tensors):
             return fn()
-        if len(tensors) == len(self.tensors) and all(a is b for a, b in zip(tensors, self.tensors)) \
-                and all((t._version, t.data_ptr()) == s for t, s in zip(tensors, self.stamps)):
-            return self.value
+        if len(tensors) == len(self.tensors):
+            for t, cached, (version, pointer) in zip(tensors, self.tensors, self.stamps):
+                if t is not cached or t._version != version or t.data_ptr() != pointer:
+                    break
+            else:
+                return self.value
         self.value = fn()
         self.tensors, self.stamps = tuple(tensors), tuple((t._version, t.data_ptr()) for t in tensors)
         return self.value
