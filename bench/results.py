@@ -203,8 +203,10 @@ LABELS = {
     "ours-torch": "instantstyle's op on its PyTorch backend (SDPA on views, in-place accumulation)",
     "xformers": "diffusers' math on xformers' memory_efficient_attention",
     "eager": "plain reference math (matmul, softmax, matmul in the input dtype; no SDPA): an unoptimised floor",
-    "fused": "FusedIPAdapterAttnProcessor as a drop-in in every attn2, scale 0 outside the targets (diffusers' gating)",
-    "fused-targeted": "IP weights only in the target blocks, FusedAttnProcessor elsewhere (what load_ip_adapter sets up)",
+    "fused": "our fused processor as a drop-in for diffusers' (UNet: every attn2, scale 0 outside the targets as "
+             "diffusers gates; Flux/SD3: the fused subclass of diffusers' IP processor); in the unet suite's no-ip row, "
+             "our processors without IP",
+    "fused-targeted": "instantstyle.load_ip_adapter(target=...): IP weights only in the target blocks (what users get)",
     "no-ip": "no IP-Adapter at all (text attention only): a reference for the overhead, a different workload, "
              "never a speedup",
 }
