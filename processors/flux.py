@@ -43,10 +43,25 @@ from .ip_adapter import IPAdapterStreams
 from .joint_methods import changed_joint_attention
 from .joint_observe import observed_joint_attention
 from .layer_inputs import LayerInputs
+from .model_state import attached_at
 from .pipeline import attend
 
 
 # -- parse -------------------------------------------------------------------------------
+def _single_stream_text_len(attn) -> int:
+    """Where the text ends in a single-stream block's ``[text ; image]`` sequence: only
+    methods attached there need it, and the model's step hook recorded it from the
+    transformer's ``encoder_hidden_states`` (0 when nothing is attached)."""
+    entries = attached_at(attn)
+    if not entries:
+        return 0
+    text_len = getattr(entries[0].state, "text_len", None)
+    if not text_len:
+        raise ValueError("encoder_hidden_states: methods on Flux single-stream blocks need the transformer called with "
+                         "encoder_hidden_states=... as a keyword (to know where the text ends), got none")
+    return text_len
+
+
 def joint_attention(proc, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
     """diffusers' Flux joint attention, step for step (``FluxIPAdapterAttnProcessor``).
 
@@ -70,6 +85,8 @@ def joint_attention(proc, attn, hidden_states, encoder_hidden_states, attention_
         key = torch.cat([encoder_key, key], dim=1)
         value = torch.cat([encoder_value, value], dim=1)
         text_len = encoder_hidden_states.shape[1]
+    else:
+        text_len = _single_stream_text_len(attn)
     # methods that change joint attention (joint_methods: StyleAligned) work on the
     # image part before RoPE; attention-map capture (joint_observe) needs the
     # probabilities; otherwise diffusers' path

@@ -41,6 +41,7 @@ class ModelState:
     step: int = -1  # UNet calls since the current run started
     timestep: Optional[torch.Tensor] = None
     sample_size: Optional[tuple] = None
+    text_len: Optional[int] = None  # text tokens of the call (Flux single-stream blocks can't see it)
     last_timestep: Optional[float] = None  # host copy, only where reading it is free
     attached: Dict[str, Tuple[object, List[str]]] = field(default_factory=dict)  # name -> (contributor, sites)
     modules: Dict[str, object] = field(default_factory=dict)  # site -> Attention module (cached)
@@ -119,6 +120,8 @@ def _step_hook(model, args, kwargs):
         state.step = 0 if new_run else state.step + 1
         state.last_timestep = now
     state.sample_size = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) and sample.ndim == 4 else None
+    text = kwargs.get("encoder_hidden_states")
+    state.text_len = text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else None
     if timestep is not None:
         state.timestep = torch.as_tensor(timestep) if not isinstance(timestep, torch.Tensor) else timestep
         for gate in gates:

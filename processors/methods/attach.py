@@ -54,12 +54,9 @@ def apply_method(model_or_pipeline, method: EditingMethod) -> Injection:
     # a DiT's joint attention is self- and cross-attention at once (joint_observe): every
     # site is a candidate for either kind
     resolved = registry.resolve(method.target, "any" if dit else method.kind)
-    if dit:  # single-stream blocks don't know where the text ends: joint blocks only
-        resolved = {s.name: resolved[s.name] for s in registry.sites if s.name in resolved and s.kind == "joint"}
     chosen = [s for s in method.select_sites(list(resolved)) if s in resolved]
     if not chosen:
-        raise ValueError(f"{method.name}: target {method.target!r} leaves no {method.kind}-attention layer"
-                         + (" (on Flux, methods act at the double-stream blocks)" if dit else ""))
+        raise ValueError(f"{method.name}: target {method.target!r} leaves no {method.kind}-attention layer")
     modules = {s.name: s.module for s in registry.sites}
     equivalent = dit_equivalent if dit else fused_equivalent
     plain = dit_plain_classes() if dit else PLAIN_CLASSES

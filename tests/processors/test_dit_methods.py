@@ -44,6 +44,17 @@ def flux_map(attn, kw):
     return text.transpose(1, 2).reshape(text.shape[0], lt, side, side)
 
 
+def flux_single_map(attn, kw, lt):
+    """The same for a single-stream block: its one sequence is [text ; image]."""
+    hs, rope = kw["hidden_states"], kw["image_rotary_emb"]
+    q = apply_rotary_emb(attn.norm_q(_heads(attn.to_q(hs), attn.heads)), rope, sequence_dim=1)
+    k = apply_rotary_emb(attn.norm_k(_heads(attn.to_k(hs), attn.heads)), rope, sequence_dim=1)
+    probs = (torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5).softmax(-1)
+    text = probs[:, :, lt:, :lt].mean(1)
+    side = int(text.shape[1] ** 0.5)
+    return text.transpose(1, 2).reshape(text.shape[0], lt, side, side)
+
+
 def sd3_map(attn, args, kw):
     hs, ehs = kw.get("hidden_states", args[0] if args else None), kw["encoder_hidden_states"]
     q = attn.norm_q(_heads(attn.to_q(hs), attn.heads))
@@ -72,17 +83,19 @@ def test_flux_maps_match_by_hand_at_double_blocks_and_outputs_are_unchanged():
         capture = AttentionMapCapture()
         injection = apply_method(m, capture)
         double = [f"transformer_blocks.{i}.attn.processor" for i in range(2)]
-        assert sorted(injection.weights) == double  # single-stream blocks: no text length, no maps
-        seen = _record_inputs(m, "transformer_blocks")
+        single = [n for n in m.attn_processors if n.startswith("single_transformer_blocks.")]
+        assert sorted(injection.weights) == sorted(double + single)  # single blocks: text length from the step hook
+        seen = _record_inputs(m, ("transformer_blocks", "single_transformer_blocks"))  # startswith takes a tuple
         with torch.no_grad():
             out = m(**flux_inputs(), **kwargs).sample
         assert (out - expected).abs().max() < 1e-12
-        assert sorted(site for _, site in capture.maps) == double
+        assert sorted(site for _, site in capture.maps) == sorted(double + single)
         modules = dict(m.named_modules())
-        for site in double:
+        for site in double + single:
             name = site[: -len(".processor")]
             with torch.no_grad():
-                by_hand = flux_map(modules[name], seen[name][1])
+                by_hand = flux_map(modules[name], seen[name][1]) if site in double else \
+                    flux_single_map(modules[name], seen[name][1], lt=6)
             got = capture.maps[(0, site)]
             assert got.shape == (2, 6, 4, 4)
             torch.testing.assert_close(got, by_hand.float(), rtol=1e-5, atol=1e-6)
@@ -120,14 +133,18 @@ class _ExtraStream(EditingMethod):
         return [(call.k, call.v, 1.0)]
 
 
-def test_methods_with_streams_or_single_stream_targets_are_refused_untouched():
+def test_methods_with_streams_are_refused_untouched_and_single_blocks_need_the_text_length():
     model = tiny_flux()
     before = dict(model.attn_processors)
     with pytest.raises(ValueError, match=r"method: extra_stream adds attention streams .* only kinds 2-5"):
         apply_method(model, _ExtraStream())
-    with pytest.raises(ValueError, match=r"leaves no cross-attention layer \(on Flux, methods act at the double-stream"):
-        apply_method(model, AttentionMapCapture(target="single"))
-    with pytest.raises(ValueError, match=r"leaves no self-attention layer"):
-        apply_method(model, StyleAligned(target="single"))
+    assert dict(model.attn_processors) == before
+    apply_method(model, StyleAligned(target="single"))
+    inputs = flux_inputs(batch=4)
+    text = inputs.pop("encoder_hidden_states")
+    with pytest.raises(ValueError, match=r"encoder_hidden_states: methods on Flux single-stream blocks need"):
+        with torch.no_grad():
+            model(inputs.pop("hidden_states"), text, **inputs)  # positional: the hook can't see the text
+    remove_method(model, "style_aligned")
     assert dict(model.attn_processors) == before
     copy.deepcopy(model)  # still a plain model

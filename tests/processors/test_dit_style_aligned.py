@@ -58,6 +58,19 @@ def flux_by_hand(attn, kw, rows, **opts):
     return (attn.to_out[0](out[:, lt:]), attn.to_add_out(out[:, :lt])), probs[:, :, lt:, :lt].mean(1)
 
 
+def flux_single_by_hand(attn, kw, rows, lt, **opts):
+    """A single-stream block: one [text ; image] sequence, AdaIN and the shared reference on
+    its image part; the block's processor returns the attention output (no to_out)."""
+    hs, rope = kw["hidden_states"], kw["image_rotary_emb"]
+    h = attn.heads
+    q, k, v = attn.norm_q(_heads(attn.to_q(hs), h)), attn.norm_k(_heads(attn.to_k(hs), h)), _heads(attn.to_v(hs), h)
+    q = torch.cat([q[:, :lt], _adain(q[:, lt:], rows)], 1)
+    k = torch.cat([k[:, :lt], _adain(k[:, lt:], rows)], 1)
+    q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+    out, _ = _shared(q, k, v, slice(lt, None), rows, **opts)
+    return out.flatten(2)
+
+
 def sd3_by_hand(attn, args, kw, rows):
     hs, ehs = kw.get("hidden_states", args[0] if args else None), kw["encoder_hidden_states"]
     h = attn.heads
@@ -86,10 +99,11 @@ def test_flux_double_stream_matches_by_hand_with_maps_and_removal_restores(opts)
     method = StyleAligned(**opts)  # cfg=True: rows 0 and 2 are the references
     injection = apply_method(model, method)
     double = [f"transformer_blocks.{i}.attn.processor" for i in range(2)]
-    assert sorted(injection.weights) == double  # single-stream blocks: no text length
+    single = [n for n in model.attn_processors if n.startswith("single_transformer_blocks.")]
+    assert sorted(injection.weights) == sorted(double + single)  # single: text length from the step hook
     maps = AttentionMapCapture()
     apply_method(model, maps)
-    seen = _record(model, "transformer_blocks")
+    seen = _record(model, ("transformer_blocks", "single_transformer_blocks"))  # startswith takes a tuple
     with torch.no_grad():
         out = model(**inputs).sample
     assert (out - plain).abs().max() > 1e-3
@@ -103,6 +117,11 @@ def test_flux_double_stream_matches_by_hand_with_maps_and_removal_restores(opts)
         _close(got[0], img)
         _close(got[1], txt)
         torch.testing.assert_close(maps.maps[(0, site)], text_map.transpose(1, 2).reshape(4, 6, 4, 4).float())
+    for site in single:
+        name = site[: -len(".processor")]
+        _, kw, got = seen[name]
+        with torch.no_grad():
+            _close(got, flux_single_by_hand(modules[name], kw, rows, lt=inputs["encoder_hidden_states"].shape[1], **opts))
     remove_method(model, maps)
     remove_method(model, method)
     assert all(model.attn_processors[k] is p for k, p in before.items())
