@@ -26,9 +26,8 @@ from ..processors.image_projection import CachedImageProjection
 from ..processors.model_state import ensure_step_hook
 from ..processors.registry import registry_of
 from ..processors.sites import ip_key_ids, ip_sites, transformer_family, unet_of
-from ..processors.validation import require_scale
 from .checkpoints import layer_ids, layer_weights, num_image_tokens, read_checkpoint
-from .report import SavingsReport, per_adapter
+from .report import SavingsReport, adapter_arguments
 from .transformer import load_transformer_ip_adapter
 
 
@@ -146,14 +145,10 @@ def load_ip_adapter(
                                            **hub_kwargs)
     unet = unet_of(model_or_pipeline)
     checkpoints = resolve_checkpoints(checkpoint, subfolder, weight_name, **hub_kwargs)  # files or state dicts
-    if checkpoints:  # before the UNet is touched; a failure here leaves the pipeline as it was
-        attach_image_encoder(model_or_pipeline, checkpoint, subfolder, image_encoder_folder, **hub_kwargs)
     if not checkpoints:
         raise ValueError("checkpoint: expected at least one checkpoint, got an empty list")
     n = len(checkpoints)
-    targets = per_adapter("target", target, n)
-    scales = [require_scale(f"scale[{i}]" if n > 1 else "scale", s) for i, s in enumerate(per_adapter("scale", scale, n))]
-    starts, ends = per_adapter("start_at", start_at, n), per_adapter("end_at", end_at, n)
+    targets, scales, starts, ends = adapter_arguments(n, target, scale, start_at, end_at)
 
     states = [read_checkpoint(c) for c in checkpoints]
     sites = ip_sites(unet)
@@ -209,6 +204,9 @@ def load_ip_adapter(
             projections.append(unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=False))
         except (RuntimeError, KeyError, ValueError) as exc:
             raise ValueError(f"{source}: image_proj does not fit diffusers' converter: {exc}") from exc
+
+    # every check passed: the encoder next (it may still fail, leaving the model as it was), then the UNet
+    attach_image_encoder(model_or_pipeline, checkpoint, subfolder, image_encoder_folder, **hub_kwargs)
 
     # As diffusers: keep Kolors' text projection, and drop the old image projection
     # before setting processors (IP-Adapter Plus' projection has processors of its own).

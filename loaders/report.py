@@ -1,5 +1,7 @@
-"""What every loader reports, and the argument rule every loader shares."""
+"""What every loader reports, and the argument rules every loader shares."""
 from __future__ import annotations
+
+from ..processors.validation import require_scale
 
 
 class SavingsReport:
@@ -26,3 +28,9 @@ def per_adapter(name: str, value, n: int) -> list:
             raise ValueError(f"{name}: expected one entry per checkpoint ({n}) or one value for all, got {len(value)}")
         return list(value)
     return [value] * n
+
+
+def adapter_arguments(n: int, target, scale, start_at, end_at) -> tuple:
+    """``(targets, scales, starts, ends)``: one entry per checkpoint each, scales checked."""
+    scales = [require_scale(f"scale[{i}]" if n > 1 else "scale", s) for i, s in enumerate(per_adapter("scale", scale, n))]
+    return per_adapter("target", target, n), scales, per_adapter("start_at", start_at, n), per_adapter("end_at", end_at, n)

@@ -17,9 +17,8 @@ from ..processors.gating import StepGate
 from ..processors.model_state import ensure_step_hook
 from ..processors.registry import registry_of
 from ..processors.sites import attention_sites, transformer_family, unet_of
-from ..processors.validation import require_scale
 from . import flux, sd3
-from .report import SavingsReport, per_adapter
+from .report import SavingsReport, adapter_arguments
 
 
 @dataclass
@@ -76,9 +75,7 @@ def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", sca
     if not checkpoints:
         raise ValueError("checkpoint: expected at least one checkpoint, got an empty list")
     n = len(checkpoints)
-    targets = per_adapter("target", target, n)
-    scales = [require_scale(f"scale[{i}]" if n > 1 else "scale", s) for i, s in enumerate(per_adapter("scale", scale, n))]
-    starts, ends = per_adapter("start_at", start_at, n), per_adapter("end_at", end_at, n)
+    targets, scales, starts, ends = adapter_arguments(n, target, scale, start_at, end_at)
     states = [flux.read_flux_checkpoint(c) for c in checkpoints]
     sites = attention_sites(model)
     registry = registry_of(model, arch)

@@ -2,9 +2,13 @@
 hub cache laid out on disk exactly as huggingface_hub writes it (no network)."""
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "processors"))  # ip_fixtures
 
 from instantstyle.loaders.hub import (HubDownloadError, attach_image_encoder, looks_local, resolve_checkpoints,
                                       resolve_one)
@@ -117,3 +121,28 @@ def test_image_encoder_from_the_hub_subfolder_as_diffusers(offline_cache, tmp_pa
     with pytest.raises(FileNotFoundError, match="no such folder"):
         attach_image_encoder(_Pipe(), str(tmp_path / "missing"), None, "image_encoder")
     assert not attach_image_encoder(_Pipe(), {"image_proj": {}}, None)  # a state dict carries no encoder
+
+
+def test_a_bad_checkpoint_attaches_no_encoder(offline_cache, tmp_path):
+    """Everything is checked before the pipeline changes: the encoder comes after the checks."""
+    import copy
+
+    from ip_fixtures import random_checkpoint, tiny_unet
+    from safetensors.torch import save_file
+
+    from instantstyle.loaders import load_ip_adapter
+
+    _encoder(tmp_path / "enc")
+    unet = tiny_unet("sdxl")
+    bad = random_checkpoint(unet, seed=1)
+    del bad["ip_adapter"]["3.to_k_ip.weight"], bad["ip_adapter"]["3.to_v_ip.weight"]  # one layer short
+    flat = {f"{part}.{k}": v.contiguous() for part in ("image_proj", "ip_adapter") for k, v in bad[part].items()}
+    (tmp_path / "ckpt").mkdir()
+    save_file(flat, str(tmp_path / "ckpt" / "ip.safetensors"))
+    make_hub_cache(offline_cache, "me/bad", {"sdxl_models/ip.safetensors": tmp_path / "ckpt" / "ip.safetensors",
+                                             "sdxl_models/image_encoder": tmp_path / "enc"})
+    pipe = _Pipe()
+    pipe.unet = copy.deepcopy(unet)
+    with pytest.raises(ValueError, match="IP layers"):
+        load_ip_adapter(pipe, "me/bad", subfolder="sdxl_models", weight_name="ip.safetensors")
+    assert getattr(pipe, "image_encoder", None) is None

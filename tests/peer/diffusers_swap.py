@@ -19,38 +19,19 @@ with this folder on ``PYTHONPATH``.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import tempfile
 
-import pytest
 
 HUB_TOKENIZERS = ("hf-internal-testing/tiny-random-clip",)
 HUB_T5 = "hf-internal-testing/tiny-random-t5"
 SWAPPED = {"models": 0, "layers": 0, "fused calls": 0}
 
 
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 @functools.lru_cache(maxsize=1)
 def _tokenizer_folder() -> str:
     folder = tempfile.mkdtemp(prefix="peer-tokenizer-")
-    chars = _bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
+    _tiny_tokenizers().write_clip_vocab(folder)
     return folder
 
 

@@ -7,38 +7,21 @@ IP-Adapter checkpoint in the original layout (``.bin`` and ``.safetensors``).
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_tokenizers import write_clip_vocab
 
 CROSS = 32  # UNet cross_attention_dim = text_encoder + text_encoder_2 hidden sizes
 PROJ = 24  # projected CLIP width shared by text_encoder_2 and the image encoder ("bigG" stand-in)
 TIME_DIM = 8
 
 
-def _bytes_to_unicode():
-    """CLIP's byte-level alphabet (the same table CLIPTokenizer uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer(folder) -> None:
     """vocab.json + merges.txt: every byte as a token, with and without the word-end mark."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    write_clip_vocab(str(folder))
 
 
 def _tokenizer(folder):

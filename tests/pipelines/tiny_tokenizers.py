@@ -1,4 +1,7 @@
-"""Tokenizers the tiny DiT pipelines need, written locally (no hub, no sentencepiece).
+"""Tokenizers the tiny test pipelines need, written locally (no hub, no sentencepiece).
+
+CLIP: a byte-level BPE vocabulary with every byte as a token (with and without the
+word-end mark) and no merges: 514 ids, read by ``CLIPTokenizer`` (:func:`write_clip_vocab`).
 
 A T5 tokenizer is a Unigram model over SentencePiece-style pieces ("▁" marks a word
 start) with ``</s>`` appended: built here with the ``tokenizers`` library as a
@@ -9,11 +12,37 @@ SigLIP's text tower (also a SentencePiece tokenizer upstream).  Also imported by
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import string
 
 PIECES = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
+
+
+def _bytes_to_unicode():
+    """CLIP's byte-level alphabet (the same table CLIPTokenizer uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_clip_vocab(folder: str) -> None:
+    """``vocab.json`` + ``merges.txt`` in ``folder`` (created): 514 tokens, ids 512/513 are
+    ``<|startoftext|>``/``<|endoftext|>``."""
+    os.makedirs(folder, exist_ok=True)
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
 
 
 def unigram_tokenizer_json(path: str) -> str:
