@@ -91,7 +91,7 @@ def test_no_ip_is_a_reference_never_a_speedup():
     assert rows[1]["speedup"] == pytest.approx(2.0) and rows[2]["speedup"] is None
     text = R.render_text(rows, [])
     assert "500.0 us (reference)" in text and "(4.00x)" not in text
-    assert "no-ip: no IP-Adapter at all" in text and "fused: FusedIPAdapterAttnProcessor" in text
+    assert "no-ip: no IP-Adapter at all" in text and "fused: our fused processor as a drop-in" in text
 
 
 def test_unet_plot_has_a_legend_distinct_colours_error_bars_and_a_reference_line():
