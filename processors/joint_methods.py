@@ -33,19 +33,9 @@ import torch
 from .contributors import AttentionCall, Contributor, kinds_of
 from .layer_inputs import LayerInputs
 from .model_state import attached_at
-from .pipeline import attend
+from .pipeline import apply_replace_kv, apply_transform_qk, attend, collect_joint_kv
 
 OBSERVE = (5,)
-
-
-def _gate(contributor) -> Optional[torch.Tensor]:
-    gate = getattr(contributor, "gate", None)
-    return None if gate is None or gate.always_open else gate.value
-
-
-def _where(gate, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    # tensor ops, as the pipeline gates: a compiled layer does not branch on the gate
-    return new if gate is None else torch.where(gate.to(new.device) > 0, new, old)
 
 
 class ImagePartView(Contributor):
@@ -76,11 +66,7 @@ class ImagePartView(Contributor):
 
     def transform_qk(self, call):
         sub = self._sub(call, 1.0)
-        for contributor, weight in self._each(4):
-            sub.weight = weight
-            q, k = contributor.transform_qk(sub)
-            gate = _gate(contributor)
-            sub.q, sub.k = _where(gate, q, sub.q), _where(gate, k, sub.k)
+        apply_transform_qk(sub, self._each(4))
         q, k = self._splice(call.q, sub.q), self._splice(call.k, sub.k)
         if self.rotate is not None:
             q, k = self.rotate(q), self.rotate(k)
@@ -88,31 +74,12 @@ class ImagePartView(Contributor):
 
     def replace_kv(self, call):
         sub = self._sub(call, 1.0)
-        for contributor, weight in self._each(3):
-            sub.weight = weight
-            k, v = contributor.replace_kv(sub)
-            gate = _gate(contributor)
-            sub.k, sub.v = _where(gate, k, sub.k), _where(gate, v, sub.v)
+        apply_replace_kv(sub, self._each(3))
         return self._splice(call.k, sub.k), self._splice(call.v, sub.v)
 
     def joint_kv(self, call):
-        ks, vs, biases = [], [], []
-        for contributor, weight in self._each(2):
-            got = contributor.joint_kv(self._sub(call, weight))
-            if got is None:
-                continue
-            k, v, bias = got
-            dtype = torch.float64 if k.dtype == torch.float64 else torch.float32  # the op's bias precision
-            bias = torch.zeros(k.shape[:2], dtype=dtype, device=k.device) if bias is None else bias.to(dtype)
-            gate = _gate(contributor)
-            if gate is not None:  # closed: log(0) = -inf hides these keys exactly
-                bias = bias + torch.log(gate.to(bias.device, bias.dtype))
-            ks.append(k)
-            vs.append(v)
-            biases.append(bias)
-        if not ks:
-            return None
-        return torch.cat(ks, dim=1), torch.cat(vs, dim=1), torch.cat(biases, dim=1)
+        k, v, bias = collect_joint_kv(self._sub(call, 1.0), self._each(2))
+        return None if k is None else (k, v, bias)
 
 
 class ObserverView(Contributor):

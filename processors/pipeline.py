@@ -17,13 +17,13 @@ from .contributors import AttentionCall, kinds_of
 from .layer_inputs import LayerInputs
 
 
-def _open(contributor) -> Optional[torch.Tensor]:
+def gate_of(contributor) -> Optional[torch.Tensor]:
     """The gate as a 0-D tensor, or None when it never closes (no blending needed)."""
     gate = getattr(contributor, "gate", None)
     return None if gate is None or gate.always_open else gate.value
 
 
-def _gated(gate, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+def gated(gate, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     # torch.where, not a Python branch: a compiled graph reads the gate at run time
     return new if gate is None else torch.where(gate.to(new.device) > 0, new, old)
 
@@ -38,7 +38,25 @@ def _additive(bias: Optional[torch.Tensor], batch: int, length: int, like: torch
     return bias.to(dtype)
 
 
-def _joint(call: AttentionCall, entries) -> tuple:
+def apply_transform_qk(call: AttentionCall, entries) -> None:
+    """Kind 4, in order: each contributor's new ``(q, k)`` replaces ``call``'s while its gate is open."""
+    for contributor, weight in entries:
+        call.weight = weight
+        q, k = contributor.transform_qk(call)
+        gate = gate_of(contributor)
+        call.q, call.k = gated(gate, q, call.q), gated(gate, k, call.k)
+
+
+def apply_replace_kv(call: AttentionCall, entries) -> None:
+    """Kind 3, in order: each contributor's new ``(k, v)`` replaces ``call``'s while its gate is open."""
+    for contributor, weight in entries:
+        call.weight = weight
+        k, v = contributor.replace_kv(call)
+        gate = gate_of(contributor)
+        call.k, call.v = gated(gate, k, call.k), gated(gate, v, call.v)
+
+
+def collect_joint_kv(call: AttentionCall, entries) -> tuple:
     """Every contributor's joint keys, concatenated: ``(k, v, bias)`` or three Nones."""
     ks, vs, biases, any_bias = [], [], [], False
     for contributor, weight in entries:
@@ -47,7 +65,7 @@ def _joint(call: AttentionCall, entries) -> tuple:
         if got is None:
             continue
         k, v, bias = got
-        gate = _open(contributor)
+        gate = gate_of(contributor)
         any_bias = any_bias or bias is not None or gate is not None
         bias = _additive(bias, k.shape[0], k.shape[1], k)
         if gate is not None:  # closed: log(0) = -inf hides the joint keys, exactly
@@ -71,7 +89,7 @@ def _streams(call: AttentionCall, entries) -> list:
     out = []
     device = call.q.device
     for contributor, weight in entries:
-        gate = _open(contributor)
+        gate = gate_of(contributor)
         call.weight = weight
         for s in contributor.streams(call):
             if len(s) not in (3, 4):
@@ -85,11 +103,11 @@ def _streams(call: AttentionCall, entries) -> list:
 
 def _observers(call: AttentionCall, entries) -> list:
     """Observers that want this call.  Eager only: attention maps read values on the host."""
-    return [c for c, _ in entries if 5 in kinds_of(type(c)) and _is_open(c) and c.observing(call)]
+    return [c for c, _ in entries if 5 in kinds_of(type(c)) and _isgate_of(c) and c.observing(call)]
 
 
-def _is_open(contributor) -> bool:
-    gate = _open(contributor)
+def _isgate_of(contributor) -> bool:
+    gate = gate_of(contributor)
     return gate is None or bool(gate > 0)  # a host read, but only for a gate that can close
 
 
@@ -107,17 +125,9 @@ def attend(layer: LayerInputs, entries: Sequence, site: str = "", info=None) -> 
     if layer.fallback_reason is None and all(c.trusted and k == (1,) for c, _, k in kinds):
         return _trusted_streams(call, entries)
     by_kind = lambda kind: [(c, w) for c, w, k in kinds if kind in k]  # noqa: E731
-    for contributor, weight in by_kind(4):
-        call.weight = weight
-        q, k = contributor.transform_qk(call)
-        gate = _open(contributor)
-        call.q, call.k = _gated(gate, q, call.q), _gated(gate, k, call.k)
-    for contributor, weight in by_kind(3):
-        call.weight = weight
-        k, v = contributor.replace_kv(call)
-        gate = _open(contributor)
-        call.k, call.v = _gated(gate, k, call.k), _gated(gate, v, call.v)
-    joint_k, joint_v, joint_bias = _joint(call, by_kind(2))
+    apply_transform_qk(call, by_kind(4))
+    apply_replace_kv(call, by_kind(3))
+    joint_k, joint_v, joint_bias = collect_joint_kv(call, by_kind(2))
     streams = _streams(call, by_kind(1))
     observers = _observers(call, by_kind(5))
     ip_k, ip_v = [s[0] for s in streams], [s[1] for s in streams]
