@@ -1,35 +1,19 @@
 """Packaging for instantstyle.
 
-The repository keeps the architecture visible at the top level (``kernels/``,
-``processors/``, ``bench/``), but everything installs as ONE importable package,
-``instantstyle``: a top-level ``kernels`` module would collide with the PyPI
-package of that name.  ``package_dir`` maps each folder into the namespace:
+One package root, as Liger-Kernel, flash-attn, xformers and diffusers keep theirs: every
+importable folder lives under ``src/instantstyle/``.  Nothing importable sits at the repo
+root, so running Python there (``python -m instantstyle``, a shell, a notebook, pytest)
+can't shadow an installed distribution -- transformers imports the PyPI package
+``kernels``, which a top-level ``kernels/`` folder used to hide.  The architecture stays
+visible one level down:
 
-    src/instantstyle/ -> instantstyle             (public re-exports and the CLI)
-    kernels/          -> instantstyle.kernels     (Triton kernels, reference, dispatch)
-    processors/       -> instantstyle.processors  (diffusers integration, registry; methods/)
-    loaders/          -> instantstyle.loaders     (checkpoints -> processors, targets only)
-    pipelines/        -> instantstyle.pipelines   (InstantStyle end to end)
-    bench/            -> instantstyle.bench       (measurement)
-
-The root package lives in ``src/instantstyle/``, not ``instantstyle/`` at the top: a
-folder named ``instantstyle`` in the working directory would shadow the installed
-package and hide its subpackages whenever Python runs from the repo root.
+    src/instantstyle/kernels/     Triton kernels, launchers, reference, dispatch
+    src/instantstyle/processors/  the per-layer engine, targeting, one room per model family
+    src/instantstyle/loaders/     checkpoints -> processors, targets only
+    src/instantstyle/pipelines/   InstantStyle end to end (stylize, stylize-batch)
+    src/instantstyle/bench/       measurement
 """
 from setuptools import find_packages, setup
-
-PACKAGE_DIRS = {
-    "instantstyle": "src/instantstyle",
-    "instantstyle.kernels": "kernels",
-    "instantstyle.processors": "processors",
-    "instantstyle.loaders": "loaders",
-    "instantstyle.bench": "bench",
-    "instantstyle.pipelines": "pipelines",
-}
-
-# Each folder plus its subpackages (e.g. processors/methods), so a new subfolder can't be
-# left out of a regular install.
-PACKAGES = [sub for pkg, folder in PACKAGE_DIRS.items() for sub in [pkg] + [f"{pkg}.{p}" for p in find_packages(folder)]]
 
 setup(
     name="instantstyle",
@@ -40,8 +24,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=PACKAGES,
-    package_dir=PACKAGE_DIRS,
+    packages=find_packages("src"),
+    package_dir={"": "src"},
     package_data={"instantstyle.bench": ["results/*.md", "results/*.png"], "instantstyle.kernels": ["tuned/*.json"]},
     install_requires=[
         "torch>=2.4",

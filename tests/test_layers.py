@@ -14,12 +14,12 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: package -> (folder, layer); bench and pipelines share a layer but must not import each other
 PACKAGES = {
-    "instantstyle.kernels": ("kernels", 0),
-    "instantstyle.processors": ("processors", 1),
-    "instantstyle.processors.methods": ("processors/methods", 2),
-    "instantstyle.loaders": ("loaders", 3),
-    "instantstyle.pipelines": ("pipelines", 4),
-    "instantstyle.bench": ("bench", 4),
+    "instantstyle.kernels": ("src/instantstyle/kernels", 0),
+    "instantstyle.processors": ("src/instantstyle/processors", 1),
+    "instantstyle.processors.methods": ("src/instantstyle/processors/methods", 2),
+    "instantstyle.loaders": ("src/instantstyle/loaders", 3),
+    "instantstyle.pipelines": ("src/instantstyle/pipelines", 4),
+    "instantstyle.bench": ("src/instantstyle/bench", 4),
     "instantstyle": ("src/instantstyle", 5),
 }
 MAX_LINES = 600

@@ -9,12 +9,12 @@ keys), so ``auto`` picks the kernel there only where it measured faster.
 
 The JSON goes to ``--out`` (default ``$INSTANTSTYLE_TUNED_DIR/<arch>.json``, else
 ``~/.cache/instantstyle/tuned/<arch>.json``); the launcher reads every ``*.json`` in the
-package's ``kernels/tuned/`` and in ``$INSTANTSTYLE_TUNED_DIR``.  To ship a measured table,
-``--out kernels/tuned/<arch>.json`` and commit it with the device name it records.
+package's ``src/instantstyle/kernels/tuned/`` and in ``$INSTANTSTYLE_TUNED_DIR``.  To ship a measured table,
+``--out src/instantstyle/kernels/tuned/<arch>.json`` and commit it with the device name it records.
 
 Examples:
   instantstyle tune                      # about 1-3 minutes on an H100
-  instantstyle tune --dtype float16 --out kernels/tuned/sm_90.json
+  instantstyle tune --dtype float16 --out src/instantstyle/kernels/tuned/sm_90.json
 """
 from __future__ import annotations
 

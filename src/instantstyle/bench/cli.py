@@ -23,7 +23,7 @@ examples:
   instantstyle bench --suite kernel               # the full kernel catalogue
   instantstyle bench --suite kernel --shape sdxl-4096x10 --dtype float16
   instantstyle bench --quick --json > rows.json   # rows on stdout, tables on stderr
-  instantstyle bench --results-dir bench/results  # GPU numbers meant to be committed
+  instantstyle bench --results-dir src/instantstyle/bench/results  # GPU numbers meant to be committed
   instantstyle bench --list                       # suites, shapes and providers
 """
 from __future__ import annotations

@@ -4,15 +4,15 @@
 # diffusers, no network), so:
 #
 #   1. on the development machine (network): fetch the wheels the GPU image lacks
-#        bash bench/gpu_session.sh --fetch-wheels        # -> ./wheels (git-ignored; carry it)
+#        bash src/instantstyle/bench/gpu_session.sh --fetch-wheels        # -> ./wheels (git-ignored; carry it)
 #   2. on the GPU machine, from the repo root:
-#        bash bench/gpu_session.sh                        # results in bench/results/ and kernels/tuned/
+#        bash src/instantstyle/bench/gpu_session.sh                        # results in src/instantstyle/bench/results/ and src/instantstyle/kernels/tuned/
 #
 # Steps, each with its own time cap so one slow step can't eat the session:
 #   install (no network, no deps resolution) -> CUDA tests (op, processors, methods)
-#   -> instantstyle tune (tiles + kernel-vs-SDPA table for this arch, shipped in kernels/tuned/)
-#   -> instantstyle bench --suite all (rows under bench/results/<device>.*).
-# Commit bench/results/ and kernels/tuned/ afterwards, with the device name they record.
+#   -> instantstyle tune (tiles + kernel-vs-SDPA table for this arch, shipped in src/instantstyle/kernels/tuned/)
+#   -> instantstyle bench --suite all (rows under src/instantstyle/bench/results/<device>.*).
+# Commit src/instantstyle/bench/results/ and src/instantstyle/kernels/tuned/ afterwards, with the device name they record.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +28,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
 fi
 
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT" bench/results kernels/tuned
+mkdir -p "$OUT" src/instantstyle/bench/results src/instantstyle/kernels/tuned
 START=$(date +%s)
 step() { echo "== $1 ($(( $(date +%s) - START )) s)" | tee -a "$OUT/steps.txt"; }
 
@@ -51,17 +51,17 @@ export TRITON_INTERPRET=0
 timeout 150 python3 -m pytest -q -x tests/kernels/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -3
 timeout 120 python3 -m pytest -q tests/processors tests/pipelines -k cuda 2>&1 | tee "$OUT/test_processors_cuda.txt" | tail -3
 
-# 2. measured tiles and the kernel-vs-SDPA table for this arch: shipped in kernels/tuned/
+# 2. measured tiles and the kernel-vs-SDPA table for this arch: shipped in src/instantstyle/kernels/tuned/
 step tune
 ARCH=$(python3 -c "import torch; from instantstyle.kernels.tiles import arch_for_capability as a; print(a(*torch.cuda.get_device_capability()))")
-timeout 150 instantstyle tune --budget-s 110 --out "kernels/tuned/$ARCH.json" 2> "$OUT/tune.txt" | tail -1
+timeout 150 instantstyle tune --budget-s 110 --out "src/instantstyle/kernels/tuned/$ARCH.json" 2> "$OUT/tune.txt" | tail -1
 tail -5 "$OUT/tune.txt"
 
-# 3. the benchmark after tuning (the launcher reads kernels/tuned/ now): rows per device name
+# 3. the benchmark after tuning (the launcher reads src/instantstyle/kernels/tuned/ now): rows per device name
 step bench
-timeout 200 instantstyle bench --suite all --results-dir bench/results --json > "$OUT/bench.json" 2> "$OUT/bench.txt"
+timeout 200 instantstyle bench --suite all --results-dir src/instantstyle/bench/results --json > "$OUT/bench.json" 2> "$OUT/bench.txt"
 tail -30 "$OUT/bench.txt"
-cp -r bench/results "$OUT/results"
-cp kernels/tuned/*.json "$OUT/" 2>/dev/null
+cp -r src/instantstyle/bench/results "$OUT/results"
+cp src/instantstyle/kernels/tuned/*.json "$OUT/" 2>/dev/null
 
 step done

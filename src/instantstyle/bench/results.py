@@ -3,7 +3,7 @@
 Every row carries the run's metadata (device, versions, git commit, UTC time, run id),
 so a results file can mix runs and devices and still be read back row by row.  Files
 in the results dir are named after the device, so GPU results can be committed side
-by side (``bench/results/nvidia-h100-80gb-hbm3.jsonl``)::
+by side (``src/instantstyle/bench/results/nvidia-h100-80gb-hbm3.jsonl``)::
 
     <device-slug>.jsonl   every run appends its rows
     <device-slug>.md      this run's tables (overwritten)
