@@ -1,9 +1,13 @@
 """The architecture, checked: dependencies point one way,
 
-    kernels <- processors <- processors.methods <- loaders <- pipelines, bench <- CLI (root)
+    kernels <- processors.core <- processors.targets <- processors.unet | processors.dit
+            <- processors (the front door) <- processors.methods <- loaders
+            <- pipelines | bench <- CLI (root)
 
 and no module imports from a higher layer, not even inside a function (a lazy import
-is still a cycle).  Every import statement of every module is read from its source."""
+is still a cycle).  Rooms that share a layer (the UNet and DiT families; pipelines and
+bench) never import each other.  Every import statement of every module is read from
+its source."""
 from __future__ import annotations
 
 import ast
@@ -12,15 +16,20 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-#: package -> (folder, layer); bench and pipelines share a layer but must not import each other
+SRC = "src/instantstyle"
+#: package -> (folder, layer)
 PACKAGES = {
-    "instantstyle.kernels": ("src/instantstyle/kernels", 0),
-    "instantstyle.processors": ("src/instantstyle/processors", 1),
-    "instantstyle.processors.methods": ("src/instantstyle/processors/methods", 2),
-    "instantstyle.loaders": ("src/instantstyle/loaders", 3),
-    "instantstyle.pipelines": ("src/instantstyle/pipelines", 4),
-    "instantstyle.bench": ("src/instantstyle/bench", 4),
-    "instantstyle": ("src/instantstyle", 5),
+    "instantstyle.kernels": (f"{SRC}/kernels", 0),
+    "instantstyle.processors.core": (f"{SRC}/processors/core", 1),
+    "instantstyle.processors.targets": (f"{SRC}/processors/targets", 2),
+    "instantstyle.processors.unet": (f"{SRC}/processors/unet", 3),
+    "instantstyle.processors.dit": (f"{SRC}/processors/dit", 3),
+    "instantstyle.processors": (f"{SRC}/processors", 4),
+    "instantstyle.processors.methods": (f"{SRC}/processors/methods", 5),
+    "instantstyle.loaders": (f"{SRC}/loaders", 6),
+    "instantstyle.pipelines": (f"{SRC}/pipelines", 7),
+    "instantstyle.bench": (f"{SRC}/bench", 7),
+    "instantstyle": (SRC, 8),
 }
 MAX_LINES = 600
 
@@ -94,6 +103,12 @@ def test_imports_point_down_the_layers(name, path):
 @pytest.mark.parametrize("name, path", MODULES, ids=[m for m, _ in MODULES])
 def test_modules_stay_small(name, path):
     assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+def test_every_package_is_checked():
+    """A new folder of modules can't slip past the rules: every package under src/ is a room above."""
+    folders = {str(p.parent.relative_to(ROOT)) for p in (ROOT / SRC).rglob("__init__.py")}
+    assert folders == {folder for folder, _ in PACKAGES.values()}
 
 
 def test_the_check_can_fail(tmp_path):

@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from .processors.architectures import CONFIGS
+from .processors.targets.architectures import CONFIGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +42,8 @@ def describe_blocks(arch: str, target=None, cross_only: bool = False, fmt=None):
     from .loaders import ip_param_counts
     from .loaders.flux import capable_sites
     from .loaders.transformer import transformer_ip_param_counts
-    from .processors.architectures import TRANSFORMER_ARCHS, build_meta_unet
-    from .processors.registry import registry_of
+    from .processors.targets.architectures import TRANSFORMER_ARCHS, build_meta_unet
+    from .processors.targets.registry import registry_of
 
     unet = build_meta_unet(arch)
     registry = registry_of(unet, arch)

@@ -26,7 +26,11 @@ def _rope(length: int, dim: int, dtype, device):
 
 
 def build_flux(case, dtype, device, fused_cls):
-    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, FluxIPAdapterAttnProcessor
+    from diffusers.models.transformers.transformer_flux import (
+        FluxAttention,
+        FluxAttnProcessor,
+        FluxIPAdapterAttnProcessor,
+    )
 
     torch.manual_seed(0)
     inner = FLUX_HEADS * FLUX_DIM
@@ -41,7 +45,11 @@ def build_flux(case, dtype, device, fused_cls):
 
 
 def build_sd3(case, dtype, device, fused_cls):
-    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0, SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        Attention,
+        JointAttnProcessor2_0,
+        SD3IPAdapterJointAttnProcessor2_0,
+    )
 
     torch.manual_seed(0)
     inner = SD3_HEADS * SD3_DIM
@@ -82,8 +90,8 @@ def call(module, args, ip: bool):
 def fused_classes():
     """``{"flux": cls, "sd3": cls}`` of our processors (None for a missing one)."""
     try:
-        from instantstyle.processors.flux import FusedFluxIPAdapterAttnProcessor
-        from instantstyle.processors.sd3 import FusedSD3IPAdapterJointAttnProcessor
+        from instantstyle.processors.dit.flux import FusedFluxIPAdapterAttnProcessor
+        from instantstyle.processors.dit.sd3 import FusedSD3IPAdapterJointAttnProcessor
     except Exception:
         return {"flux": None, "sd3": None}
     return {"flux": FusedFluxIPAdapterAttnProcessor, "sd3": FusedSD3IPAdapterJointAttnProcessor}

@@ -23,7 +23,11 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from instantstyle.kernels import decoupled_attention, normalize_inputs, reference_decoupled_attention
+from instantstyle.kernels import (
+    decoupled_attention,
+    normalize_inputs,
+    reference_decoupled_attention,
+)
 
 from .shapes import Shape
 

@@ -24,7 +24,6 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-
 # --------------------------------------------------------------------------- metadata
 
 

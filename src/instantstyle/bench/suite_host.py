@@ -28,10 +28,14 @@ CASES = ["ip-layer", "plain-layer"]
 
 
 def _modules(device, dtype):
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        Attention,
+        AttnProcessor2_0,
+        IPAdapterAttnProcessor2_0,
+    )
 
     from ..processors import FusedAttnProcessor
-    from ..processors.conversion import fuse_ip_processor
+    from ..processors.unet.conversion import fuse_ip_processor
 
     torch.manual_seed(0)
     attn = Attention(query_dim=64, cross_attention_dim=32, heads=2, dim_head=32).to(device=device, dtype=dtype).eval()

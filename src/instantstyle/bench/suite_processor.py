@@ -27,7 +27,14 @@ from typing import List, Optional
 import torch
 
 from . import dit_layers
-from .suites import Context, add_speedups, dtype_name, name_matches, record_timings, short_error
+from .suites import (
+    Context,
+    add_speedups,
+    dtype_name,
+    name_matches,
+    record_timings,
+    short_error,
+)
 
 FUSED_CLASS = "FusedIPAdapterAttnProcessor"
 NOT_AVAILABLE = f"not available yet (instantstyle.processors has no {FUSED_CLASS})"
@@ -84,7 +91,11 @@ def _inputs(case: AttnCase, dtype, device, seed):
 
 def build_attention(case: AttnCase, dtype, device):
     """attn2 of an SDXL BasicTransformerBlock, random weights, plus the two IP processors."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        Attention,
+        AttnProcessor2_0,
+        IPAdapterAttnProcessor2_0,
+    )
 
     if case.family != "unet":
         build = dit_layers.build_flux if case.family == "flux" else dit_layers.build_sd3

@@ -83,7 +83,10 @@ class _UNetBench:
 
     def __init__(self, device, dtype, reduced: bool, latent: int, batch: int = 2):
         from diffusers import UNet2DConditionModel
-        from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+        from diffusers.models.embeddings import (
+            ImageProjection,
+            MultiIPAdapterImageProjection,
+        )
 
         self.config = dict(REDUCED_UNET_CONFIG if reduced else SDXL_UNET_CONFIG)
         torch.manual_seed(0)

@@ -184,6 +184,15 @@ def _mask_tensor(ip_mask, num_streams: int, batch: int, n: int, q: torch.Tensor)
     return torch.stack(rows)
 
 
+def additive_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A mask as an additive logit bias in ``dtype``: bool (True = attend, as SDPA) becomes
+    0 / -inf, floats are cast.  The one place that convention is written."""
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, zero - math.inf)
+    return mask.to(dtype)
+
+
 def _bias_tensor(name: str, bias, batch: int, length: int, q: torch.Tensor):
     """``(B, L)`` key-padding bias: bool (True = attend, as SDPA) or additive floats."""
     if bias is None:
@@ -191,12 +200,9 @@ def _bias_tensor(name: str, bias, batch: int, length: int, q: torch.Tensor):
     _require_tensor(name, bias)
     _require_shape(name, bias, (batch, length), "(B, L)" if name == "joint_bias" else "(B, Lt)")
     _require_like(name, bias, q, dtype=False)
-    if bias.dtype == torch.bool:
-        zero = torch.zeros((), dtype=_param_dtype(q), device=q.device)
-        return torch.where(bias, zero, zero - math.inf)
-    if not bias.is_floating_point():
+    if bias.dtype != torch.bool and not bias.is_floating_point():
         raise TypeError(f"{name}: expected a bool or floating-point tensor, got {bias.dtype}")
-    return bias.to(_param_dtype(q))
+    return additive_bias(bias, _param_dtype(q))
 
 
 def _joint_tensors(joint_k, joint_v, joint_bias, q: torch.Tensor):

@@ -16,7 +16,9 @@ from .torch_backend import torch_decoupled_attention
 
 
 def _run_triton(inputs: AttentionInputs) -> torch.Tensor:
-    from .triton_decoupled import triton_decoupled_attention  # imported only where Triton exists
+    from .triton_decoupled import (
+        triton_decoupled_attention,  # imported only where Triton exists
+    )
 
     return triton_decoupled_attention(inputs)
 

@@ -20,19 +20,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .inputs import AttentionInputs
+from .inputs import AttentionInputs, additive_bias
 
 
 def _heads_first(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)  # (B, L, H, D) -> (B, H, L, D), a view
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool (True = attend) or additive mask as an additive one in ``dtype``."""
-    if mask.dtype == torch.bool:
-        zero = torch.zeros((), dtype=dtype, device=mask.device)
-        return torch.where(mask, zero, zero - float("inf"))
-    return mask.to(dtype)
 
 
 def first_softmax_bias(inputs: AttentionInputs, attn_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -40,7 +32,7 @@ def first_softmax_bias(inputs: AttentionInputs, attn_mask: Optional[torch.Tensor
     dtype, or None.  ``attn_mask`` (broadcastable to ``(B, H, N, Lt)``) replaces
     ``text_bias``: the per-head / per-query masks the fused kernel can't take."""
     wide = inputs.ip_scale.dtype
-    text = _additive(attn_mask, wide) if attn_mask is not None else None
+    text = additive_bias(attn_mask, wide) if attn_mask is not None else None
     if text is None and inputs.text_bias is not None:
         text = inputs.text_bias[:, None, None, :]
     if inputs.joint_k is None:

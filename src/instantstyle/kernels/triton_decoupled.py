@@ -32,7 +32,13 @@ import triton
 import triton.language as tl
 
 from .inputs import AttentionInputs
-from .tiles import KernelConfig, all_kernel_configs, arch_for_capability, head_dim_bucket, kernel_config  # noqa: F401
+from .tiles import (  # noqa: F401
+    KernelConfig,
+    all_kernel_configs,
+    arch_for_capability,
+    head_dim_bucket,
+    kernel_config,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 

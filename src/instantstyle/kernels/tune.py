@@ -75,7 +75,14 @@ def _time_ms(fn) -> float:
 def tune(arch: str, dtypes=DTYPES, budget_s: float = 300.0, log=print) -> dict:
     import torch
 
-    from .tiles import _SPILL_FREE, dtype_class, head_dim_bucket, kernel_config, key_length_bucket, launch_kind
+    from .tiles import (
+        _SPILL_FREE,
+        dtype_class,
+        head_dim_bucket,
+        kernel_config,
+        key_length_bucket,
+        launch_kind,
+    )
     from .torch_backend import torch_decoupled_attention
     from .triton_decoupled import triton_decoupled_attention
 

@@ -11,7 +11,7 @@ from typing import Tuple
 
 import torch
 
-from ..processors.validation import describe
+from ..processors.core.validation import describe
 
 _PARTS = ("image_proj", "ip_adapter")
 

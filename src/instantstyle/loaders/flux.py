@@ -20,7 +20,10 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..processors.flux import FusedFluxInstantXAttnProcessor, FusedFluxIPAdapterAttnProcessor
+from ..processors.dit.flux import (
+    FusedFluxInstantXAttnProcessor,
+    FusedFluxIPAdapterAttnProcessor,
+)
 from .checkpoints import read_checkpoint
 
 XLABS, INSTANTX = "xlabs", "instantx"

@@ -86,8 +86,13 @@ def download(repo_id: str, filename: str, subfolder: Optional[str] = None, **hub
     """``hf_hub_download`` (the local cache first; ``HF_HUB_OFFLINE=1`` / ``local_files_only`` never
     touch the network), with errors that say which part was missing."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = f"{repo_id}/{_join(subfolder, filename)}"
     try:

@@ -19,13 +19,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..processors import diffusers_compat
-from ..processors.fused_processor import FusedIPAdapterAttnProcessor
-from ..processors.gating import StepGate
-from ..processors.image_projection import CachedImageProjection
-from ..processors.model_state import ensure_step_hook
-from ..processors.registry import registry_of
-from ..processors.sites import ip_key_ids, ip_sites, transformer_family, unet_of
+from ..processors.core import diffusers_compat
+from ..processors.core.gating import StepGate
+from ..processors.core.model_state import ensure_step_hook
+from ..processors.core.models import transformer_family, unet_of
+from ..processors.targets.registry import registry_of
+from ..processors.targets.sites import ip_key_ids, ip_sites
+from ..processors.unet.fused_processor import FusedIPAdapterAttnProcessor
+from ..processors.unet.image_projection import CachedImageProjection
 from .checkpoints import layer_ids, layer_weights, num_image_tokens, read_checkpoint
 from .report import SavingsReport, adapter_arguments
 from .transformer import load_transformer_ip_adapter
@@ -114,7 +115,7 @@ def load_ip_adapter(
         subfolder, weight_name: as in diffusers' ``load_ip_adapter``: the file inside a hub
             repo or folder, e.g. ``subfolder="sdxl_models",
             weight_name="ip-adapter_sdxl.safetensors"``; one value or one per checkpoint.
-        target: where to inject, see :mod:`instantstyle.processors.registry` (preset,
+        target: where to inject, see :mod:`instantstyle.processors.targets.registry` (preset,
             patterns, or a ``set_ip_adapter_scale`` dict).  With several checkpoints, a
             list gives one target per checkpoint (so patterns go in a nested list:
             ``[["up_blocks.1"], "style"]``); anything else applies to all.

@@ -1,7 +1,7 @@
 """What every loader reports, and the argument rules every loader shares."""
 from __future__ import annotations
 
-from ..processors.validation import require_scale
+from ..processors.core.validation import require_scale
 
 
 class SavingsReport:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-from ..processors.sd3 import FusedSD3IPAdapterJointAttnProcessor
+from ..processors.dit.sd3 import FusedSD3IPAdapterJointAttnProcessor
 
 PARAMS = ("norm_ip.linear.weight", "norm_ip.linear.bias", "to_k_ip.weight", "to_v_ip.weight", "norm_q.weight", "norm_k.weight", "norm_ip_k.weight")
 

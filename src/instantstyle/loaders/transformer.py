@@ -12,11 +12,12 @@ from typing import Dict, List, Optional
 import torch
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-from ..processors import diffusers_compat
-from ..processors.gating import StepGate
-from ..processors.model_state import ensure_step_hook
-from ..processors.registry import registry_of
-from ..processors.sites import attention_sites, transformer_family, unet_of
+from ..processors.core import diffusers_compat
+from ..processors.core.gating import StepGate
+from ..processors.core.model_state import ensure_step_hook
+from ..processors.core.models import transformer_family, unet_of
+from ..processors.targets.registry import registry_of
+from ..processors.targets.sites import attention_sites
 from . import flux, sd3
 from .report import SavingsReport, adapter_arguments
 

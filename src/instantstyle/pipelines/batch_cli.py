@@ -28,10 +28,23 @@ import os
 import sys
 import time
 
-from .batch import Job, merge_summary, read_manifest, remove_stale_temporaries, run_shard
-from .cli_args import add_model_arguments, add_runtime_arguments, check_runtime, device_and_dtype, finite, hub_kwargs
+from .batch import (
+    Job,
+    merge_summary,
+    read_manifest,
+    remove_stale_temporaries,
+    run_shard,
+)
+from .cli_args import (
+    add_model_arguments,
+    add_runtime_arguments,
+    check_runtime,
+    device_and_dtype,
+    finite,
+    hub_kwargs,
+)
 from .errors import UserError
-from .outputs import IMAGE_FORMATS, png_text, save_image, write_json, writable_folder
+from .outputs import IMAGE_FORMATS, png_text, save_image, writable_folder, write_json
 from .stylize_cli import PRESET_CHOICES, open_image
 
 
@@ -84,7 +97,12 @@ def _wire(args, state, hub):
     from instantstyle.kernels import use_backend
 
     from .instantstyle import InstantStyle
-    from .loading import load_content_text_encoder, load_image_encoder, load_pipeline, resolve_ip_adapter
+    from .loading import (
+        load_content_text_encoder,
+        load_image_encoder,
+        load_pipeline,
+        resolve_ip_adapter,
+    )
 
     if args.device in (None, "cuda") and state.device.type == "cuda":
         args.device = str(state.device)  # one GPU per process

@@ -77,7 +77,10 @@ def subtract_content(image_embeds: torch.Tensor, text_embeds: torch.Tensor, cont
 
 def adapter_kinds(unet) -> List[str]:
     """Per loaded IP-Adapter: ``"global"`` (4-token ImageProjection) or the patch-feature kind."""
-    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+    from diffusers.models.embeddings import (
+        ImageProjection,
+        MultiIPAdapterImageProjection,
+    )
 
     proj = getattr(unet, "encoder_hid_proj", None)
     if not isinstance(proj, MultiIPAdapterImageProjection):

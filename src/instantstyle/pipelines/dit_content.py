@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from instantstyle.loaders.hub import is_siglip
-from instantstyle.processors.sites import transformer_family, unet_of
+from instantstyle.processors.core.models import transformer_family, unet_of
 
 from .content import ContentSubtractionError, subtract_content
 
@@ -42,7 +42,10 @@ TEXT_ENCODER_FOR = {
 
 def dit_adapter_kinds(pipe) -> List[str]:
     """Per loaded adapter of a Flux/SD3 pipeline: ``"xlabs"``, ``"instantx"`` or ``"instantx-sd3"``."""
-    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+    from diffusers.models.embeddings import (
+        ImageProjection,
+        MultiIPAdapterImageProjection,
+    )
 
     from instantstyle.loaders.flux import InstantXImageProjection
 

@@ -17,7 +17,7 @@ from instantstyle.loaders import load_ip_adapter
 from instantstyle.loaders.checkpoints import read_checkpoint
 from instantstyle.loaders.flux import INSTANTX, checkpoint_format, read_flux_checkpoint
 from instantstyle.loaders.hub import attach_image_encoder, resolve_checkpoints
-from instantstyle.processors.sites import transformer_family, unet_of
+from instantstyle.processors.core.models import transformer_family, unet_of
 
 from .content import style_image_embeds
 from .dit_content import dit_style_inputs

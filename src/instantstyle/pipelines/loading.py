@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import os
 
-from instantstyle.loaders.hub import (HubDownloadError, load_image_processor, load_pretrained_encoder, looks_local,
-                                      resolve_one)
+from instantstyle.loaders.hub import (
+    HubDownloadError,
+    load_image_processor,
+    load_pretrained_encoder,
+    looks_local,
+    resolve_one,
+)
 
 from .errors import UserError
 
@@ -73,7 +78,12 @@ def load_content_text_encoder(args, torch_dtype, hub: dict):
     config is SigLIP's (a whole SigLIP model's folder works: its text half is read)."""
     if not args.content_text_encoder:
         return None, None
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, PretrainedConfig
+    from transformers import (
+        AutoTokenizer,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        PretrainedConfig,
+    )
 
     flag, name = "--content-text-encoder", args.content_text_encoder
     config = from_pretrained(flag, lambda n, **kw: PretrainedConfig.get_config_dict(n, **kw)[0], name, **hub)

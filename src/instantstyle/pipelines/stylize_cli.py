@@ -32,8 +32,15 @@ import os
 import sys
 import time
 
-from .cli_args import (add_model_arguments, add_runtime_arguments, check_runtime, check_start_end, device_and_dtype,
-                       finite, hub_kwargs)
+from .cli_args import (
+    add_model_arguments,
+    add_runtime_arguments,
+    check_runtime,
+    check_start_end,
+    device_and_dtype,
+    finite,
+    hub_kwargs,
+)
 from .errors import UserError
 from .outputs import check_output, png_text, save_image, sidecar_path, write_json
 
@@ -182,7 +189,11 @@ def _instantstyle(args, styles, pipe, encoder, processor, text_encoder, tokenize
 
 def _style_aligned(args, pipe):
     """StyleAligned over a batch of prompts; returns ``generate(call) -> (images, sidecar details)``."""
-    from instantstyle.processors.methods import StyleAligned, apply_method, remove_method
+    from instantstyle.processors.methods import (
+        StyleAligned,
+        apply_method,
+        remove_method,
+    )
 
     method = StyleAligned(keys_scale=args.keys_scale, score_shift=args.score_shift, only_self_level=args.only_self_level,
                           share_group_norm=not args.no_shared_norms, share_layer_norm=not args.no_shared_norms,
@@ -235,7 +246,12 @@ def stylize(args) -> dict:
     from instantstyle.kernels import use_backend
 
     from .canny import canny_edges
-    from .loading import load_content_text_encoder, load_image_encoder, load_pipeline, resolve_ip_adapter
+    from .loading import (
+        load_content_text_encoder,
+        load_image_encoder,
+        load_pipeline,
+        resolve_ip_adapter,
+    )
 
     paths = check_all(args)
     hub = hub_kwargs(args)

@@ -1,13 +1,14 @@
-"""diffusers integration: fused attention processors and the injection registry.
+"""diffusers integration: the per-layer engine, targeting, and one room per model family.
 
-- :class:`FusedIPAdapterAttnProcessor` / :class:`FusedAttnProcessor`: drop-in processors
-  that run decoupled cross-attention as one fused op (``fused_processor``).
-- :func:`use_fused_processors`: swap a loaded model's processors for them (``conversion``).
-- :class:`InjectionRegistry` / :func:`registry_of`: targets (presets, patterns,
-  ``set_ip_adapter_scale`` dicts) and what is injected where (``registry``).
-- :class:`StepGate`: active range over the denoising schedule (``gating``).
-- ``processors.methods`` (the layer above): :class:`EditingMethod`, :func:`apply_method`,
-  :class:`StyleAligned`, :class:`VisualStylePrompting`, :class:`AttentionMapCapture`.
+- ``core/``: the engine every fused processor runs (``engine.attend``: contributors ->
+  ONE op call), the contributor protocol, step gates, the model's state and step hook,
+  per-run caches, IP-Adapter's streams, the explicit diffusers patches.
+- ``targets/``: sites (a model's attention layers), presets, architectures, the registry.
+- ``unet/``: diffusers' ``Attention`` on UNets: parse/project, :class:`FusedIPAdapterAttnProcessor`,
+  :class:`FusedAttnProcessor`, the cached image projection, conversion.
+- ``dit/``: Flux and SD3.5: their processors, joint-attention method support, conversion.
+- :func:`use_fused_processors` (``conversion``): the front door for every family.
+- ``methods/`` (the layer above): :class:`EditingMethod`, :func:`apply_method`, ...
 
 Names resolve lazily: most modules import diffusers (seconds), which the ``instantstyle``
 CLI should not pay for when it only builds its argument parser.
@@ -15,24 +16,29 @@ CLI should not pay for when it only builds its argument parser.
 from ..kernels.lazy import lazy_exports
 
 _EXPORTS = {
-    "FusedIPAdapterAttnProcessor": ".fused_processor",
-    "FusedAttnProcessor": ".fused_processor",
-    "fallback_reasons": ".fused_processor",
+    "FusedIPAdapterAttnProcessor": ".unet.fused_processor",
+    "FusedAttnProcessor": ".unet.fused_processor",
+    "fallback_reasons": ".unet.fused_processor",
+    "FusedFluxIPAdapterAttnProcessor": ".dit.flux",
+    "FusedFluxInstantXAttnProcessor": ".dit.flux",
+    "FusedFluxAttnProcessor": ".dit.flux",
+    "FusedSD3IPAdapterJointAttnProcessor": ".dit.sd3",
+    "FusedSD3JointAttnProcessor": ".dit.sd3",
     "use_fused_processors": ".conversion",
-    "InjectionRegistry": ".registry",
-    "registry_of": ".registry",
-    "pattern_matches": ".registry",
-    "PRESETS": ".presets",
-    "register_preset": ".presets",
-    "StepGate": ".gating",
-    "CONFIGS": ".architectures",
-    "build_meta_unet": ".architectures",
-    "detect_arch": ".architectures",
-    "AttentionSite": ".sites",
-    "attention_sites": ".sites",
-    "ip_sites": ".sites",
-    "ip_key_ids": ".sites",
-    "Contributor": ".contributors",
+    "InjectionRegistry": ".targets.registry",
+    "registry_of": ".targets.registry",
+    "pattern_matches": ".targets.registry",
+    "PRESETS": ".targets.presets",
+    "register_preset": ".targets.presets",
+    "StepGate": ".core.gating",
+    "CONFIGS": ".targets.architectures",
+    "build_meta_unet": ".targets.architectures",
+    "detect_arch": ".targets.architectures",
+    "AttentionSite": ".targets.sites",
+    "attention_sites": ".targets.sites",
+    "ip_sites": ".targets.sites",
+    "ip_key_ids": ".targets.sites",
+    "Contributor": ".core.contributors",
 }
 
 __all__ = list(_EXPORTS)

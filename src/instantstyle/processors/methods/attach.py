@@ -1,7 +1,7 @@
 """Attaching editing methods to a model, and taking them off.
 
 :func:`apply_method` resolves a method's target through the model's
-:class:`~instantstyle.processors.registry.InjectionRegistry`, makes sure every chosen
+:class:`~instantstyle.processors.targets.registry.InjectionRegistry`, makes sure every chosen
 layer runs a fused processor (a layer that already runs one keeps it: its IP-Adapter
 weights and scales stay as they are) and attaches the method to the layer's module,
 where the fused processor's pipeline picks it up: at every layer the contributions of
@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .. import model_state
-from ..contributors import Attached
-from ..conversion import PLAIN_CLASSES, fused_equivalent
-from ..dit_methods import check_dit_method, dit_equivalent, dit_gate_steps, dit_plain_classes
-from ..registry import Injection, registry_of
-from ..sites import transformer_family, unet_of
-from ..validation import describe
+from ..core import model_state
+from ..core.contributors import Attached
+from ..core.models import transformer_family, unet_of
+from ..core.validation import describe
+from ..dit.conversion import dit_equivalent, dit_plain_classes
+from ..dit.method_rules import check_dit_method, dit_gate_steps
+from ..targets.registry import Injection, registry_of
+from ..unet.conversion import PLAIN_CLASSES, fused_equivalent
 from .base import EditingMethod
 
 

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from ..validation import describe
+from ..core.validation import describe
 from .base import AttentionCall, EditingMethod
 
 

@@ -1,13 +1,13 @@
 """The extension interface: what an attention-editing method declares.
 
-A method is a :class:`~instantstyle.processors.contributors.Contributor` (its hooks,
+A method is a :class:`~instantstyle.processors.core.contributors.Contributor` (its hooks,
 kinds 1-5, are documented there) that also says
 
 - **where** it applies: ``kind`` (``"self"``, ``"cross"`` or ``"any"`` attention) and a
   ``target`` resolved by the same registry as IP-Adapter's (presets, module-path
   patterns, ``set_ip_adapter_scale``-style dicts);
 - **when**: ``start_at`` / ``end_at``, fractions of the denoising schedule (a
-  :class:`~instantstyle.processors.gating.StepGate`, as for IP-Adapter);
+  :class:`~instantstyle.processors.core.gating.StepGate`, as for IP-Adapter);
 - optionally, what it changes beyond attention (``patch_modules`` /
   ``unpatch_modules``: StyleAligned's shared GroupNorm statistics).
 
@@ -20,9 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..contributors import HOOKS, AttentionCall, Contributor
-from ..gating import StepGate
-from ..validation import describe
+from ..core.contributors import HOOKS, AttentionCall, Contributor
+from ..core.gating import StepGate
+from ..core.validation import describe
 
 __all__ = ["HOOKS", "AttentionCall", "EditingMethod", "check_halves", "reference_rows"]
 
@@ -31,7 +31,7 @@ class EditingMethod(Contributor):
     """Base class of attention-editing methods; override the hooks you need.
 
     Args:
-        target: where to apply, see :mod:`instantstyle.processors.registry`; None uses
+        target: where to apply, see :mod:`instantstyle.processors.targets.registry`; None uses
             the class' ``default_target``.
         start_at, end_at: active range over the denoising schedule (0 = first step).
         name: key of the method in the registry and in :func:`apply_method`;

@@ -82,7 +82,7 @@ def _patched_forward(self, x):
 def share_group_norms(unet, halves: int, gate=None, owner: str = "method", label: str = "shared norm") -> int:
     """Patch every GroupNorm of ``unet`` to share statistics with its CFG half's first row.
 
-    ``gate``: a :class:`~instantstyle.processors.gating.StepGate` (read at every call) or
+    ``gate``: a :class:`~instantstyle.processors.core.gating.StepGate` (read at every call) or
     None.  ``owner``: the method's name (what :func:`unshare_group_norms` undoes);
     ``label`` starts the error for a batch that does not split into ``halves``.
     Returns the number of layers patched.  Raises ValueError (patching nothing) if

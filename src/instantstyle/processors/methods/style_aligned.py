@@ -21,7 +21,7 @@ row, so rows ``0`` and ``B//2``):
    The norms follow the method's ``cfg`` and step gate, and ``remove_method`` restores
    them exactly.
 
-On Flux double-stream and SD3 joint blocks (:mod:`instantstyle.processors.joint_methods`)
+On Flux double-stream and SD3 joint blocks (:mod:`instantstyle.processors.dit.joint_methods`)
 the same hooks see the image tokens of the joint sequence only: AdaIN of the image
 queries/keys (after qk-norm, before RoPE; statistics over image tokens), the
 reference's image keys/values appended to every row's one joint softmax (text query
@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import torch
 
+from ..core.models import transformer_family
+from ..core.validation import describe, require_fraction, require_number
 from .base import AttentionCall, EditingMethod, reference_rows
 from .shared_norms import share_group_norms, unshare_group_norms
-from ..sites import transformer_family
-from ..validation import describe, require_fraction, require_number
 
 EPS = 1e-5
 

@@ -9,8 +9,8 @@ unconditional half references the unconditional reference.  Default blocks: SDXL
 """
 from __future__ import annotations
 
-from ..presets import register_preset
-from ..validation import describe
+from ..core.validation import describe
+from ..targets.presets import register_preset
 from .base import EditingMethod, reference_rows
 
 register_preset("sdxl", "vsp", ["up_blocks.1"])

@@ -27,12 +27,12 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..core.model_state import attached_at, reconcile, runs_pipeline
+from ..core.validation import describe
 from .architectures import DEFAULT_TOKENS, detect_arch, preset_family
-from .dit_targets import resolve_block_dict
-from .model_state import attached_at, reconcile, runs_pipeline
+from .dit_blocks import resolve_block_dict
 from .presets import presets_for
 from .sites import AttentionSite, attention_sites
-from .validation import describe
 
 KINDS = ("cross", "self", "any")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numbers
 from typing import Dict
 
-from .validation import describe
+from ..core.validation import describe
 
 ALIASES = {"double": "transformer_blocks", "joint": "transformer_blocks", "single": "single_transformer_blocks"}
 

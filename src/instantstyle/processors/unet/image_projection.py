@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-from .step_cache import OwnsStepCaches, StepCache
+from ..core.step_cache import OwnsStepCaches, StepCache
 
 
 class CachedImageProjection(OwnsStepCaches, MultiIPAdapterImageProjection):

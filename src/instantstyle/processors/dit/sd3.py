@@ -15,18 +15,18 @@ concatenated K/V copy (the kernel reads the joint keys in place).
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import JointAttnProcessor2_0, SD3IPAdapterJointAttnProcessor2_0
+from diffusers.models.attention_processor import (
+    JointAttnProcessor2_0,
+    SD3IPAdapterJointAttnProcessor2_0,
+)
 
-from . import diffusers_compat
-from .contributors import AttentionCall, Contributor
+from ..core.contributors import AttentionCall, Contributor
+from ..core.drop_in import DropInProcessor
+from ..core.engine import LayerInputs, attend
 from .joint_methods import changed_joint_attention
 from .joint_observe import observed_joint_attention
-from .layer_inputs import LayerInputs
-from .pipeline import attend
 
 
 def joint_attention(attn, hidden_states, encoder_hidden_states):
@@ -80,14 +80,14 @@ def parse_ip(proc, raw, ip_hidden_states, temb) -> LayerInputs:
     )
 
 
-class FusedSD3IPAdapterJointAttnProcessor(Contributor, SD3IPAdapterJointAttnProcessor2_0):
+class FusedSD3IPAdapterJointAttnProcessor(DropInProcessor, Contributor, SD3IPAdapterJointAttnProcessor2_0):
     """``SD3IPAdapterJointAttnProcessor2_0`` whose IP branch is one op call with the IP
     keys as joint keys.  Same constructor, weights, ``scale`` (one float, as diffusers'
     ``set_ip_adapter_scale`` sets it) and ``__call__``; ``isinstance`` checks in
     diffusers' ``set_ip_adapter_scale``/``unload_ip_adapter``/``is_ip_adapter_active``
     see it as diffusers' own."""
 
-    instantstyle_pipeline = True
+    counts_as_cross_attention = True
     name = "ip_adapter"
     adapter_ids = (0,)  # diffusers' SD3 loader takes one adapter
 
@@ -95,6 +95,7 @@ class FusedSD3IPAdapterJointAttnProcessor(Contributor, SD3IPAdapterJointAttnProc
         Contributor.__init__(self)
         SD3IPAdapterJointAttnProcessor2_0.__init__(self, hidden_size, ip_hidden_states_dim, head_dim, timesteps_emb_dim, scale)
         self.fallback_reason = None
+        self.sign_call()
 
     def joint_kv(self, call: AttentionCall):
         ip_hidden_states, temb = call.ip_states[0]
@@ -116,21 +117,16 @@ class FusedSD3IPAdapterJointAttnProcessor(Contributor, SD3IPAdapterJointAttnProc
         return out if encoder_out is None else (out, encoder_out)
 
 
-class FusedSD3JointAttnProcessor(JointAttnProcessor2_0):
+class FusedSD3JointAttnProcessor(DropInProcessor, JointAttnProcessor2_0):
     """``JointAttnProcessor2_0`` where editing methods attach (attention-map capture): the
     same math and outputs; SDPA whenever nothing observes the call."""
-
-    instantstyle_pipeline = True
 
     def __init__(self):
         super().__init__()
         self.fallback_reason = None
+        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         out, encoder_out, _ = joint_attention(attn, hidden_states, encoder_hidden_states)
         out = attn.to_out[1](attn.to_out[0](out))
         return out if encoder_out is None else (out, encoder_out)
-
-
-diffusers_compat.register_processor_classes(FusedSD3IPAdapterJointAttnProcessor)
-FusedSD3IPAdapterJointAttnProcessor.__call__.__signature__ = inspect.signature(FusedSD3IPAdapterJointAttnProcessor.__call__)

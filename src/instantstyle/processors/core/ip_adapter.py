@@ -20,7 +20,7 @@ import torch
 from diffusers.image_processor import IPAdapterMaskProcessor
 
 from .contributors import AttentionCall, Contributor
-from .layer_inputs import linear, plain_linear, weights
+from .projections import linear, plain_linear, weights
 from .step_cache import StepCache
 from .validation import describe, require_scale
 

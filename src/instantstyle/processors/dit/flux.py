@@ -28,23 +28,25 @@ Two checkpoint formats, two processors:
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import RMSNorm
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor, _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    FluxIPAdapterAttnProcessor,
+    _get_qkv_projections,
+)
 
-from . import diffusers_compat
-from .contributors import AttentionCall
-from .ip_adapter import IPAdapterStreams
+from ..core.contributors import AttentionCall
+from ..core.drop_in import DropInProcessor
+from ..core.engine import LayerInputs, attend
+from ..core.ip_adapter import IPAdapterStreams
+from ..core.model_state import attached_at
 from .joint_methods import changed_joint_attention
 from .joint_observe import observed_joint_attention
-from .layer_inputs import LayerInputs
-from .model_state import attached_at
-from .pipeline import attend
 
 
 # -- parse -------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ def _ids_and_tokens(num_tokens, adapter_ids):
 
 
 # -- XLabs -------------------------------------------------------------------------------
-class FusedFluxIPAdapterAttnProcessor(IPAdapterStreams, FluxIPAdapterAttnProcessor):
+class FusedFluxIPAdapterAttnProcessor(DropInProcessor, IPAdapterStreams, FluxIPAdapterAttnProcessor):
     """``FluxIPAdapterAttnProcessor`` with all IP streams of a layer in one op call.
 
     Same constructor, attributes (``to_k_ip``/``to_v_ip`` Linear with bias, ``scale``:
@@ -147,13 +149,14 @@ class FusedFluxIPAdapterAttnProcessor(IPAdapterStreams, FluxIPAdapterAttnProcess
     ``unload_ip_adapter`` keep working.  ``adapter_ids``: the adapters this layer holds
     weights for (a layer outside every target holds none and does no IP work)."""
 
-    instantstyle_pipeline = True
+    counts_as_cross_attention = True
 
     def __init__(self, hidden_size, cross_attention_dim, num_tokens=(4,), scale=1.0, device=None, dtype=None, adapter_ids=None):
         num_tokens, ids = _ids_and_tokens(num_tokens, adapter_ids)
         FluxIPAdapterAttnProcessor.__init__(self, hidden_size, cross_attention_dim, [num_tokens[a] for a in ids], 1.0, device, dtype)
         self.init_streams(ids, num_tokens, scale)
         self.fallback_reason = None
+        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  ip_hidden_states=None, ip_adapter_masks=None):
@@ -186,14 +189,14 @@ class InstantXStreams(IPAdapterStreams):
         return out
 
 
-class FusedFluxInstantXAttnProcessor(InstantXStreams, FluxIPAdapterAttnProcessor):
+class FusedFluxInstantXAttnProcessor(DropInProcessor, InstantXStreams, FluxIPAdapterAttnProcessor):
     """InstantX FLUX.1-dev IP-Adapter for double- and single-stream blocks (diffusers has
     no processor for it).  A ``FluxIPAdapterAttnProcessor`` subclass, so diffusers'
     ``unload_ip_adapter`` restores ``FluxAttnProcessor`` everywhere and
     ``set_ip_adapter_scale`` sets the double-stream blocks (it zips over the first
     ``num_layers`` processors, as for XLabs)."""
 
-    instantstyle_pipeline = True
+    counts_as_cross_attention = True
 
     def __init__(self, hidden_size, cross_attention_dim, num_tokens=(128,), scale=1.0, device=None, dtype=None,
                  adapter_ids=None, head_dim=128):
@@ -206,6 +209,7 @@ class FusedFluxInstantXAttnProcessor(InstantXStreams, FluxIPAdapterAttnProcessor
         self.norm_added_v = RMSNorm(head_dim, eps=1e-5, elementwise_affine=False)
         self.init_streams(ids, num_tokens, scale)
         self.fallback_reason = None
+        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  ip_hidden_states=None, ip_adapter_masks=None):
@@ -220,15 +224,14 @@ class FusedFluxInstantXAttnProcessor(InstantXStreams, FluxIPAdapterAttnProcessor
 
 
 # -- no IP-Adapter -----------------------------------------------------------------------
-class FusedFluxAttnProcessor(FluxAttnProcessor):
+class FusedFluxAttnProcessor(DropInProcessor, FluxAttnProcessor):
     """``FluxAttnProcessor`` where editing methods attach (attention-map capture): the same
     math and outputs; diffusers' path whenever nothing observes the call."""
-
-    instantstyle_pipeline = True
 
     def __init__(self):
         super().__init__()
         self.fallback_reason = None
+        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         out, text_len, _ = joint_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -239,6 +242,3 @@ class FusedFluxAttnProcessor(FluxAttnProcessor):
 
 
 FLUX_IP_CLASSES = (FusedFluxIPAdapterAttnProcessor, FusedFluxInstantXAttnProcessor)
-diffusers_compat.register_processor_classes(*FLUX_IP_CLASSES)
-for _cls in (*FLUX_IP_CLASSES, FusedFluxAttnProcessor):  # FluxAttention.forward inspects the signature on every call
-    _cls.__call__.__signature__ = inspect.signature(_cls.__call__)

@@ -24,13 +24,27 @@ graph does not recompile when a contributor switches on or off).
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
 
-HOOKS = {"transform_qk": 4, "replace_kv": 3, "joint_kv": 2, "streams": 1, "observe": 5}
+
+class Kind(enum.IntEnum):
+    """Contribution kinds; the numbers are the documented ones above (and compare equal to them)."""
+
+    STREAMS = 1
+    JOINT_KV = 2
+    REPLACE_KV = 3
+    TRANSFORM_QK = 4
+    OBSERVE = 5
+
+
+HOOKS = {"transform_qk": Kind.TRANSFORM_QK, "replace_kv": Kind.REPLACE_KV, "joint_kv": Kind.JOINT_KV,
+         "streams": Kind.STREAMS, "observe": Kind.OBSERVE}
 
 
 @dataclass
@@ -48,6 +62,20 @@ class AttentionCall:
     step: int = 0  # UNet calls since this run started (see ``model_state``)
     timestep: Optional[torch.Tensor] = None  # the UNet's timestep argument, on its device
     sample_size: Optional[tuple] = None  # (h, w) of the UNet's latent input
+
+    @classmethod
+    def at(cls, site: str, state, q, k, v, text_bias=None, **fields) -> "AttentionCall":
+        """A call at ``site`` with the step, timestep and latent size of the model's
+        ``state`` (``model_state.ModelState``, or None for a bare processor)."""
+        if state is not None:
+            fields.setdefault("step", max(state.step, 0))
+            fields.setdefault("timestep", state.timestep)
+            fields.setdefault("sample_size", state.sample_size)
+        return cls(site=site, weight=fields.pop("weight", 1.0), q=q, k=k, v=v, text_bias=text_bias, **fields)
+
+    def view(self, **changes) -> "AttentionCall":
+        """The same call with some fields replaced (a part of the sequence, another weight)."""
+        return dataclasses.replace(self, **changes)
 
     @property
     def batch(self) -> int:
@@ -67,14 +95,14 @@ class AttentionCall:
 
 
 @functools.lru_cache(maxsize=None)
-def kinds_of(cls) -> Tuple[int, ...]:
+def kinds_of(cls) -> Tuple[Kind, ...]:
     """A class' contribution kinds, found once per class (read at every layer call)."""
     return tuple(sorted(k for hook, k in HOOKS.items() if getattr(cls, hook) is not getattr(Contributor, hook)))
 
 
 class Contributor:
     """Base class: override the hooks you need.  ``gate`` is a
-    :class:`~instantstyle.processors.gating.StepGate` or None (always on, or a
+    :class:`~instantstyle.processors.core.gating.StepGate` or None (always on, or a
     contributor that gates itself, as IP-Adapter does per adapter)."""
 
     name = "contributor"

@@ -14,19 +14,18 @@ Inputs the op can't take go through the unfused implementation; the reason is ke
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-from . import diffusers_compat
-from .ip_adapter import IPAdapterStreams
+from ..core.drop_in import DropInProcessor
+from ..core.engine import attend
+from ..core.ip_adapter import IPAdapterStreams
+from ..core.model_state import attached_at
+from ..core.models import unet_of
+from ..core.step_cache import OwnsStepCaches, StepCache
 from .layer_inputs import parse, project
-from .model_state import attached_at
-from .pipeline import attend
-from .sites import unet_of
-from .step_cache import OwnsStepCaches, StepCache
 
 
 def _run(attn, layer, own) -> torch.Tensor:
@@ -37,7 +36,7 @@ def _run(attn, layer, own) -> torch.Tensor:
     return attend(layer, [*own, *((e.contributor, e.weight) for e in entries)], first.site, first.state)
 
 
-class FusedIPAdapterAttnProcessor(OwnsStepCaches, IPAdapterStreams, IPAdapterAttnProcessor2_0):
+class FusedIPAdapterAttnProcessor(DropInProcessor, OwnsStepCaches, IPAdapterStreams, IPAdapterAttnProcessor2_0):
     """``IPAdapterAttnProcessor2_0`` with the text and image branches fused into one op.
 
     Same constructor, attributes (``to_k_ip``, ``to_v_ip``, ``scale``, ``num_tokens``,
@@ -47,7 +46,7 @@ class FusedIPAdapterAttnProcessor(OwnsStepCaches, IPAdapterStreams, IPAdapterAtt
     holds weights for) and ``gates`` (per adapter None or a ``StepGate``).
     """
 
-    instantstyle_pipeline = True
+    counts_as_cross_attention = True
 
     def __init__(self, hidden_size, cross_attention_dim=None, num_tokens=(4,), scale=1.0, adapter_ids=None):
         num_tokens = list(num_tokens) if isinstance(num_tokens, (tuple, list)) else [num_tokens]
@@ -57,7 +56,7 @@ class FusedIPAdapterAttnProcessor(OwnsStepCaches, IPAdapterStreams, IPAdapterAtt
         self.init_streams(ids, num_tokens, scale)
         self.fallback_reason: Optional[str] = None
         self.text_kv_cache = StepCache()  # the layer's text K/V while the prompt is unchanged
-        self.__dict__["__call__"] = _SignedCall(self)
+        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale: float = 1.0, ip_adapter_masks=None):
         layer = parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, self.num_tokens[0], ip_adapter_masks,
@@ -67,20 +66,20 @@ class FusedIPAdapterAttnProcessor(OwnsStepCaches, IPAdapterStreams, IPAdapterAtt
         return project(attn, _run(attn, layer, ((self, 1.0),)), layer)
 
 
-class FusedAttnProcessor(OwnsStepCaches, torch.nn.Module):
+class FusedAttnProcessor(DropInProcessor, OwnsStepCaches, torch.nn.Module):
     """Attention without IP weights, through the same pipeline and op.
 
     Constructible without arguments, so diffusers (which re-instantiates non-IP
     processors by class) keeps it; what is attached lives on the layer, not here.
     """
 
-    instantstyle_pipeline = True
+    counts_as_cross_attention = True
 
     def __init__(self):
         super().__init__()
         self.fallback_reason: Optional[str] = None
         self.text_kv_cache = StepCache()
-        self.__dict__["__call__"] = _SignedCall(self)
+        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale: float = 1.0, ip_adapter_masks=None):
         # ``scale`` and ``ip_adapter_masks`` are declared so diffusers passes them without a warning
@@ -88,33 +87,6 @@ class FusedAttnProcessor(OwnsStepCaches, torch.nn.Module):
         if self.fallback_reason is not layer.fallback_reason:
             self.fallback_reason = layer.fallback_reason
         return project(attn, _run(attn, layer, ()), layer)
-
-
-diffusers_compat.register_processor_classes(FusedIPAdapterAttnProcessor, FusedAttnProcessor)
-
-class _SignedCall:
-    """What ``processor.__call__`` returns on our processors: the bound call, with its
-    signature precomputed.  diffusers' ``Attention.forward`` runs
-    ``inspect.signature(processor.__call__)`` on every call (to drop unknown
-    ``cross_attention_kwargs``); for a bound method that builds two Signature objects,
-    ~20 us of Python per layer call, while an object with ``__signature__`` is answered at
-    once.  ``processor(...)`` itself never goes through here (Python looks ``__call__`` up
-    on the type)."""
-
-    def __init__(self, processor):
-        self.processor = processor
-        self.__signature__ = _BOUND_SIGNATURES[type(processor)]
-
-    def __call__(self, *args, **kwargs):
-        return type(self.processor).__call__(self.processor, *args, **kwargs)
-
-
-def _bound_signature(cls) -> inspect.Signature:
-    signature = inspect.signature(cls.__call__)
-    return signature.replace(parameters=list(signature.parameters.values())[1:])
-
-
-_BOUND_SIGNATURES = {cls: _bound_signature(cls) for cls in (FusedIPAdapterAttnProcessor, FusedAttnProcessor)}
 
 
 def fallback_reasons(model) -> dict:

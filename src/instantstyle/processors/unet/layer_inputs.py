@@ -9,38 +9,13 @@ processors honour every option diffusers' own processors honour.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch.nn.modules import module as _module
 
-from .step_cache import StepCache
-
-
-def plain_linear(module) -> bool:
-    """A bare ``nn.Linear``: no subclass (LoRA layers), no hooks, no replaced ``forward``
-    (offloading), no global hooks.  Its output is ``F.linear`` of its own two tensors."""
-    return (type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks
-            or module._backward_hooks or module._backward_pre_hooks) and "forward" not in module.__dict__
-            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
-                     or _module._global_backward_pre_hooks))
-
-
-def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for a projection; a :func:`plain_linear` is called as ``F.linear``
-    directly (``nn.Module.__call__`` costs ~2 us of Python, and a layer call makes six
-    projections).  Anything else goes through the module as usual."""
-    if plain_linear(module):
-        params = module._parameters
-        return F.linear(x, params["weight"], params["bias"])
-    return module(x)
-
-
-def weights(module) -> list:
-    """The tensors a :func:`plain_linear`'s output depends on."""
-    return [p for p in module._parameters.values() if p is not None]
+from ..core.engine import LayerInputs
+from ..core.projections import linear, plain_linear, weights
+from ..core.step_cache import StepCache
 
 
 def _text_kv(attn, text_states: torch.Tensor, cache: Optional[StepCache]):
@@ -59,22 +34,6 @@ def _text_kv(attn, text_states: torch.Tensor, cache: Optional[StepCache]):
     if cache is None or not (plain_linear(to_k) and plain_linear(to_v)):
         return project()
     return cache.get((text_states, *weights(to_k), *weights(to_v)), project)
-
-
-@dataclass
-class LayerInputs:
-    """One layer call in the op's ``(B, L, H, D)`` layout, and what ``project`` needs."""
-
-    q: torch.Tensor  # (B, N, H, D), a view of to_q's output
-    k: torch.Tensor  # (B, Lt, H, D): text keys in cross-attention, own tokens in self-attention
-    v: torch.Tensor
-    text_bias: Optional[torch.Tensor]  # (B, Lt) key-padding mask the op takes, or None
-    full_mask: Optional[torch.Tensor]  # (B, H|1, N|1, Lt) when the mask is not a key-padding one
-    fallback_reason: Optional[str]  # why the fused op can't take these inputs (None: it can)
-    ip_states: List[torch.Tensor]  # one tensor per IP-Adapter, as diffusers passes them
-    residual: torch.Tensor
-    input_shape: tuple  # hidden_states' shape before flattening (4-D inputs)
-    ip_adapter_masks: object = None  # the call's ``ip_adapter_masks`` argument, untouched
 
 
 def split_encoder_states(encoder_hidden_states, num_ip_tokens: Optional[int] = None):

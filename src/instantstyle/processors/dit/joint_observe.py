@@ -12,10 +12,11 @@ The probabilities are normalised over the whole joint sequence, not over the tex
 so a DiT map row sums to the share of attention that went to the text (< 1); compare
 maps between tokens and layers, not in absolute value against a UNet's.
 
-Flux's single-stream blocks receive text and image as one sequence without its text
-length, so maps are captured at the double-stream blocks only.  Capturing materialises
-the probabilities ``(B, H, L, L)`` of a layer (Flux-dev at 1024²: ~2 GB fp32 per image),
-only at the steps where an observer wants them; every other call keeps diffusers' path.
+Flux's single-stream blocks receive text and image as one sequence; the model's step hook
+records where the text ends (``model_state``), so maps are captured there too.  Capturing
+materialises the probabilities ``(B, H, L, L)`` of a layer (Flux-dev at 1024²: ~2 GB fp32
+per image), only at the steps where an observer wants them, through the one unfused
+implementation (``kernels.torch_backend``); every other call keeps diffusers' path.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from typing import Optional
 
 import torch
 
-from .contributors import AttentionCall, kinds_of
-from .model_state import attached_at
+from ...kernels import normalize_inputs
+from ...kernels.torch_backend import torch_decoupled_attention
+from ..core.contributors import AttentionCall, Kind, kinds_of
+from ..core.model_state import attached_at
 
 
 def _wanted(entries, call: AttentionCall) -> list:
@@ -32,7 +35,7 @@ def _wanted(entries, call: AttentionCall) -> list:
     out = []
     for entry in entries:
         c = entry.contributor
-        if 5 not in kinds_of(type(c)):
+        if Kind.OBSERVE not in kinds_of(type(c)):
             continue
         gate = getattr(c, "gate", None)
         call.weight = entry.weight
@@ -54,18 +57,14 @@ def observed_joint_attention(attn, query: torch.Tensor, key: torch.Tensor, value
     txt = slice(length - text_len, length) if image_first else slice(0, text_len)
     img = slice(0, length - text_len) if image_first else slice(text_len, length)
     info = entries[0].state
-    call = AttentionCall(site=entries[0].site, weight=1.0, q=query[:, img], k=key[:, txt], v=value[:, txt], text_bias=None,
-                         step=max(info.step, 0) if info else 0, timestep=info.timestep if info else None)
+    call = AttentionCall.at(entries[0].site, info, query[:, img], key[:, txt], value[:, txt],
+                            sample_size=None)  # no latent grid on a joint sequence
     observers = _wanted(entries, call)
     if not observers:
         return None
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    logits = torch.einsum("bqhd,bkhd->bhqk", query.to(dtype), key.to(dtype)) * query.shape[-1] ** -0.5
-    if attention_mask is not None:  # SDPA's convention: bool True = attend, else additive
-        mask = attention_mask.to(logits.device)
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.to(dtype)
-    probs = logits.softmax(dim=-1)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, value.to(dtype)).to(query.dtype)
+    inputs = normalize_inputs(query, key, value)
+    mask = None if attention_mask is None else attention_mask.to(query.device)  # SDPA's convention, as diffusers
+    out, probs = torch_decoupled_attention(inputs, attn_mask=mask, keep_probs=True)
     rows = probs[:, :, img]
     rows = torch.cat([rows[..., txt], rows[..., img]], dim=-1)
     for contributor, weight in observers:

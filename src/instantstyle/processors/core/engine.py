@@ -7,14 +7,36 @@ the probabilities or the op can't take the mask, the one unfused implementation
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
 
-from ..kernels import decoupled_attention, normalize_inputs, processor_inputs, run_inputs
-from ..kernels.torch_backend import torch_decoupled_attention
-from .contributors import AttentionCall, kinds_of
-from .layer_inputs import LayerInputs
+from ...kernels import (
+    decoupled_attention,
+    normalize_inputs,
+    processor_inputs,
+    run_inputs,
+)
+from ...kernels.inputs import additive_bias
+from ...kernels.torch_backend import torch_decoupled_attention
+from .contributors import AttentionCall, Kind, kinds_of
+
+
+@dataclass
+class LayerInputs:
+    """One layer call in the op's ``(B, L, H, D)`` layout, and what ``project`` needs."""
+
+    q: torch.Tensor  # (B, N, H, D), a view of to_q's output
+    k: torch.Tensor  # (B, Lt, H, D): text keys in cross-attention, own tokens in self-attention
+    v: torch.Tensor
+    text_bias: Optional[torch.Tensor]  # (B, Lt) key-padding mask the op takes, or None
+    full_mask: Optional[torch.Tensor]  # (B, H|1, N|1, Lt) when the mask is not a key-padding one
+    fallback_reason: Optional[str]  # why the fused op can't take these inputs (None: it can)
+    ip_states: List[torch.Tensor]  # one tensor per IP-Adapter, as diffusers passes them
+    residual: torch.Tensor
+    input_shape: tuple  # hidden_states' shape before flattening (4-D inputs)
+    ip_adapter_masks: object = None  # the call's ``ip_adapter_masks`` argument, untouched
 
 
 def gate_of(contributor) -> Optional[torch.Tensor]:
@@ -33,9 +55,7 @@ def _additive(bias: Optional[torch.Tensor], batch: int, length: int, like: torch
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     if bias is None:
         return torch.zeros((batch, length), dtype=dtype, device=like.device)
-    if bias.dtype == torch.bool:
-        return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, float("-inf"))
-    return bias.to(dtype)
+    return additive_bias(bias, dtype)
 
 
 def apply_transform_qk(call: AttentionCall, entries) -> None:
@@ -103,7 +123,7 @@ def _streams(call: AttentionCall, entries) -> list:
 
 def _observers(call: AttentionCall, entries) -> list:
     """Observers that want this call.  Eager only: attention maps read values on the host."""
-    return [c for c, _ in entries if 5 in kinds_of(type(c)) and _isgate_of(c) and c.observing(call)]
+    return [c for c, _ in entries if Kind.OBSERVE in kinds_of(type(c)) and _isgate_of(c) and c.observing(call)]
 
 
 def _isgate_of(contributor) -> bool:
@@ -115,21 +135,17 @@ def attend(layer: LayerInputs, entries: Sequence, site: str = "", info=None) -> 
     """``(B, N, H, D)`` attention output of one layer with ``entries`` (``(contributor,
     weight)`` pairs, in attachment order) applied.  ``info``: the model's state (step,
     timestep, latent size) or None."""
-    call = AttentionCall(
-        site=site, weight=1.0, q=layer.q, k=layer.k, v=layer.v, text_bias=layer.text_bias, ip_states=layer.ip_states,
-        ip_adapter_masks=layer.ip_adapter_masks,
-        step=max(info.step, 0) if info else 0, timestep=info.timestep if info else None,
-        sample_size=info.sample_size if info else None,
-    )
+    call = AttentionCall.at(site, info, layer.q, layer.k, layer.v, layer.text_bias, ip_states=layer.ip_states,
+                            ip_adapter_masks=layer.ip_adapter_masks)
     kinds = [(c, w, kinds_of(type(c))) for c, w in entries]
-    if layer.fallback_reason is None and all(c.trusted and k == (1,) for c, _, k in kinds):
+    if layer.fallback_reason is None and all(c.trusted and k == (Kind.STREAMS,) for c, _, k in kinds):
         return _trusted_streams(call, entries)
     by_kind = lambda kind: [(c, w) for c, w, k in kinds if kind in k]  # noqa: E731
-    apply_transform_qk(call, by_kind(4))
-    apply_replace_kv(call, by_kind(3))
-    joint_k, joint_v, joint_bias = collect_joint_kv(call, by_kind(2))
-    streams = _streams(call, by_kind(1))
-    observers = _observers(call, by_kind(5))
+    apply_transform_qk(call, by_kind(Kind.TRANSFORM_QK))
+    apply_replace_kv(call, by_kind(Kind.REPLACE_KV))
+    joint_k, joint_v, joint_bias = collect_joint_kv(call, by_kind(Kind.JOINT_KV))
+    streams = _streams(call, by_kind(Kind.STREAMS))
+    observers = _observers(call, by_kind(Kind.OBSERVE))
     ip_k, ip_v = [s[0] for s in streams], [s[1] for s in streams]
     scales, masks = [s[2] for s in streams], [s[3] for s in streams]
     if not observers and layer.fallback_reason is None:

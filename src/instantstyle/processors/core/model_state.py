@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .sites import attention_modules
+from .models import attention_modules
 
 _STATE = "_instantstyle_state"
 _ATTACHED = "_instantstyle_attached"
@@ -58,7 +58,7 @@ def state_of(model, create: bool = True) -> Optional[ModelState]:
 
 
 def attached_at(module) -> list:
-    """The :class:`~instantstyle.processors.contributors.Attached` entries of a layer."""
+    """The :class:`~instantstyle.processors.core.contributors.Attached` entries of a layer."""
     return module.__dict__.get(_ATTACHED, ())
 
 

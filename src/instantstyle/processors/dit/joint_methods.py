@@ -30,12 +30,17 @@ from typing import Callable, Optional
 
 import torch
 
-from .contributors import AttentionCall, Contributor, kinds_of
-from .layer_inputs import LayerInputs
-from .model_state import attached_at
-from .pipeline import apply_replace_kv, apply_transform_qk, attend, collect_joint_kv
+from ..core.contributors import AttentionCall, Contributor, Kind, kinds_of
+from ..core.engine import (
+    LayerInputs,
+    apply_replace_kv,
+    apply_transform_qk,
+    attend,
+    collect_joint_kv,
+)
+from ..core.model_state import attached_at
 
-OBSERVE = (5,)
+OBSERVE = (Kind.OBSERVE,)
 
 
 class ImagePartView(Contributor):
@@ -52,8 +57,7 @@ class ImagePartView(Contributor):
 
     def _sub(self, call: AttentionCall, weight) -> AttentionCall:
         img = self.image
-        return AttentionCall(site=self.base.site, weight=weight, q=call.q[:, img], k=call.k[:, img], v=call.v[:, img],
-                             text_bias=None, step=self.base.step, timestep=self.base.timestep)
+        return self.base.view(weight=weight, q=call.q[:, img], k=call.k[:, img], v=call.v[:, img])
 
     def _splice(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         if part is full[:, self.image]:
@@ -66,7 +70,7 @@ class ImagePartView(Contributor):
 
     def transform_qk(self, call):
         sub = self._sub(call, 1.0)
-        apply_transform_qk(sub, self._each(4))
+        apply_transform_qk(sub, self._each(Kind.TRANSFORM_QK))
         q, k = self._splice(call.q, sub.q), self._splice(call.k, sub.k)
         if self.rotate is not None:
             q, k = self.rotate(q), self.rotate(k)
@@ -74,11 +78,11 @@ class ImagePartView(Contributor):
 
     def replace_kv(self, call):
         sub = self._sub(call, 1.0)
-        apply_replace_kv(sub, self._each(3))
+        apply_replace_kv(sub, self._each(Kind.REPLACE_KV))
         return self._splice(call.k, sub.k), self._splice(call.v, sub.v)
 
     def joint_kv(self, call):
-        k, v, bias = collect_joint_kv(self._sub(call, 1.0), self._each(2))
+        k, v, bias = collect_joint_kv(self._sub(call, 1.0), self._each(Kind.JOINT_KV))
         return None if k is None else (k, v, bias)
 
 
@@ -91,8 +95,7 @@ class ObserverView(Contributor):
         self.gate, self.name = getattr(observer, "gate", None), observer.name
 
     def _sub(self, call):
-        return AttentionCall(site=call.site, weight=self.weight, q=call.q[:, self.image], k=call.k[:, self.text], v=call.v[:, self.text],
-                             text_bias=None, step=call.step, timestep=call.timestep)
+        return call.view(weight=self.weight, q=call.q[:, self.image], k=call.k[:, self.text], v=call.v[:, self.text], text_bias=None)
 
     def observing(self, call):
         return self.observer.observing(self._sub(call))
@@ -124,8 +127,7 @@ def changed_joint_attention(attn, query: torch.Tensor, key: torch.Tensor, value:
     text = slice(length - text_len, length) if image_first else slice(0, text_len)
     image = slice(0, length - text_len) if image_first else slice(text_len, length)
     info = entries[0].state
-    base = AttentionCall(site=entries[0].site, weight=1.0, q=query, k=key, v=value, text_bias=None,
-                         step=max(info.step, 0) if info else 0, timestep=info.timestep if info else None)
+    base = AttentionCall.at(entries[0].site, info, query, key, value, sample_size=None)  # no latent grid on a joint sequence
     view = ImagePartView(changing, image, rotate, base)
     observers = [(ObserverView(e.contributor, e.weight, text, image, length), 1.0)
                  for e in entries if kinds_of(type(e.contributor)) == OBSERVE]
