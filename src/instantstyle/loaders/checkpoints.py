@@ -79,3 +79,36 @@ def layer_weights(state: dict, source: str, key_id: int, shape: tuple) -> Tuple[
 def layer_ids(state: dict) -> list:
     """Sorted ids of the IP layers a checkpoint holds."""
     return sorted({int(k.split(".")[0]) for k in state["ip_adapter"] if k.endswith("to_k_ip.weight")})
+
+
+def image_embed_width(image_proj: dict):
+    """``(what the projection reads, its width)``: IP-Adapter's projection reads the image
+    encoder's projected ``image_embeds``; Plus and Full-face read its penultimate hidden
+    states.  None for FaceID (insightface embeddings, no CLIP encoder involved)."""
+    if "perceiver_resampler.proj_in.weight" in image_proj or "norm.weight" in image_proj:
+        return None
+    if "proj.weight" in image_proj:
+        return "projection_dim", int(image_proj["proj.weight"].shape[1])
+    if "proj.0.weight" in image_proj:
+        return "hidden_size", int(image_proj["proj.0.weight"].shape[1])
+    if "proj_in.weight" in image_proj:
+        return "hidden_size", int(image_proj["proj_in.weight"].shape[1])
+    return None
+
+
+def check_encoder_width(encoder, states) -> None:
+    """Each adapter's image projection against the image encoder that will feed it: a
+    one-line error naming the width that fits, instead of a shape error at generate time."""
+    config = getattr(encoder, "config", None)
+    if config is None:
+        return
+    for state, source in states:
+        wanted = image_embed_width(state["image_proj"])
+        if wanted is None:
+            continue
+        field, width = wanted
+        got = getattr(config, field, None)
+        if got is not None and got != width:
+            kind = "image_embeds (projection_dim)" if field == "projection_dim" else "penultimate hidden states (hidden_size)"
+            raise ValueError(f"image_encoder: {source} reads the encoder's {kind} of width {width}, got an encoder "
+                             f"({type(encoder).__name__}) with {field}={got}; use an image encoder with {field}={width}")

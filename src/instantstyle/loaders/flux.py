@@ -25,6 +25,7 @@ from ..processors.dit.flux import (
     FusedFluxIPAdapterAttnProcessor,
 )
 from .checkpoints import read_checkpoint
+from .report import scaled_weight
 
 XLABS, INSTANTX = "xlabs", "instantx"
 
@@ -115,7 +116,7 @@ def plan(model, states: List[Tuple[dict, str]], fmt: str, sites, weights: List[D
     procs, held_params = {}, 0
     for key_id, site in enumerate(capable):
         held = [a for a in range(n) if site.name in weights[a]]
-        scale = [_scaled(scales[a], weights[a][site.name]) if a in held else 0.0 for a in range(n)]
+        scale = [scaled_weight(scales[a], weights[a][site.name]) if a in held else 0.0 for a in range(n)]
         if fmt == XLABS:
             proc = FusedFluxIPAdapterAttnProcessor(inner, joint_dim, tokens, scale, adapter_ids=held)
         else:
@@ -157,7 +158,3 @@ def _tokens(fmt: str, state: dict, joint_dim: int) -> int:
     proj = state["image_proj"]
     weight = proj["proj.weight"] if fmt == XLABS else proj["proj.2.weight"]
     return int(weight.shape[0] // joint_dim)
-
-
-def _scaled(scale, weight):
-    return [s * weight for s in scale] if isinstance(scale, list) else scale * weight

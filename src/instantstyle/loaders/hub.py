@@ -150,34 +150,47 @@ def _encoder_location(source, subfolder: Optional[str], folder: str):
     return os.fspath(source), sub
 
 
-def attach_image_encoder(pipe, sources, subfolder=None, image_encoder_folder: Optional[str] = "image_encoder",
-                         **hub_kwargs) -> bool:
-    """Give ``pipe`` an image encoder and feature extractor as diffusers' ``load_ip_adapter`` does.
+def find_image_encoder(pipe, sources, subfolder=None, image_encoder_folder: Optional[str] = "image_encoder", **hub_kwargs):
+    """The image encoder diffusers' ``load_ip_adapter`` would give ``pipe``, loaded but not
+    attached (None when there is none to load): only a pipeline with an empty
+    ``image_encoder`` slot gets one, from the first source (``CLIPVisionModelWithProjection``,
+    or ``SiglipVisionModel`` when the folder's config is SigLIP's; the pipeline's dtype and
+    device).  ``image_encoder_folder=None`` skips it.  State dicts carry no encoder; for a
+    checkpoint file the folder is optional (looked up next to the file), for hub ids and
+    folders it is required."""
+    if image_encoder_folder is None or not hasattr(pipe, "register_modules") or getattr(pipe, "image_encoder", 0) is not None:
+        return None
+    first = sources[0] if isinstance(sources, (list, tuple)) else sources
+    first_sub = subfolder[0] if isinstance(subfolder, (list, tuple)) else subfolder
+    if isinstance(first, dict) or not isinstance(first, (str, os.PathLike)):
+        return None
+    name, sub = _encoder_location(first, first_sub, image_encoder_folder)
+    if os.path.isfile(os.fspath(first)) and not os.path.isdir(name):
+        return None  # a bare checkpoint file: the encoder is the caller's business
+    return load_pretrained_encoder(name, sub, dtype=pipe.dtype, **hub_kwargs).to(pipe.device)
 
-    Only a pipeline with an empty ``image_encoder`` slot gets one, loaded from the first source
-    (``CLIPVisionModelWithProjection``, or ``SiglipVisionModel`` when the folder's config is
-    SigLIP's, as for InstantX Flux/SD3.5; the pipeline's dtype and device); a missing
-    ``feature_extractor`` becomes CLIP's (SigLIP's) image processor at the encoder's image size.  Both are
-    registered with ``register_modules`` so ``save_pretrained``/``to``/offloading see them.
-    ``image_encoder_folder=None`` skips it.  State dicts carry no encoder; for a checkpoint file the
-    folder is optional (looked up next to the file), for hub ids and folders it is required.
-    Returns whether an encoder was attached.
-    """
-    if image_encoder_folder is None or not hasattr(pipe, "register_modules") or not hasattr(pipe, "image_encoder"):
+
+def attach_encoder(pipe, encoder) -> bool:
+    """Register ``encoder`` (when given) and a missing ``feature_extractor`` (CLIP's or
+    SigLIP's image processor at the encoder's image size) with ``register_modules``, so
+    ``save_pretrained``/``to``/offloading see them.  Returns whether the pipeline has an encoder."""
+    if not hasattr(pipe, "register_modules") or not hasattr(pipe, "image_encoder"):
         return False
-    if getattr(pipe, "image_encoder", None) is None:
-        first = sources[0] if isinstance(sources, (list, tuple)) else sources
-        first_sub = subfolder[0] if isinstance(subfolder, (list, tuple)) else subfolder
-        if isinstance(first, dict) or not isinstance(first, (str, os.PathLike)):
-            return False
-        name, sub = _encoder_location(first, first_sub, image_encoder_folder)
-        if os.path.isfile(os.fspath(first)) and not os.path.isdir(name):
-            return False  # a bare checkpoint file: the encoder is the caller's business
-        encoder = load_pretrained_encoder(name, sub, dtype=pipe.dtype, **hub_kwargs).to(pipe.device)
+    if encoder is not None:
         pipe.register_modules(image_encoder=encoder)
+    if pipe.image_encoder is None:
+        return False
     if hasattr(pipe, "feature_extractor") and getattr(pipe, "feature_extractor", None) is None:
         pipe.register_modules(feature_extractor=default_image_processor(pipe.image_encoder))
     return True
+
+
+def attach_image_encoder(pipe, sources, subfolder=None, image_encoder_folder: Optional[str] = "image_encoder",
+                         **hub_kwargs) -> bool:
+    """:func:`find_image_encoder`, then :func:`attach_encoder`."""
+    if image_encoder_folder is None:
+        return False
+    return attach_encoder(pipe, find_image_encoder(pipe, sources, subfolder, image_encoder_folder, **hub_kwargs))
 
 
 #: the image encoder each DiT adapter format was trained with: (family, what to pass)
@@ -200,9 +213,9 @@ def _has_config(name: str, subfolder: Optional[str], **hub_kwargs) -> bool:
         return False
 
 
-def attach_dit_image_encoder(pipe, sources, subfolder=None, image_encoder_folder: Optional[str] = "image_encoder",
-                             fmt: Optional[str] = None, **hub_kwargs) -> bool:
-    """:func:`attach_image_encoder` for Flux/SD3.5 adapters, whose repos ship no encoder.
+def find_dit_image_encoder(pipe, sources, subfolder=None, image_encoder_folder: Optional[str] = "image_encoder",
+                           fmt: Optional[str] = None, **hub_kwargs):
+    """:func:`find_image_encoder` for Flux/SD3.5 adapters, whose repos ship no encoder.
 
     ``image_encoder_folder`` is looked up next to the adapter first, as for UNets (under
     ``subfolder``, or next to a checkpoint file), then as a local folder or hub id of its
@@ -211,32 +224,27 @@ def attach_dit_image_encoder(pipe, sources, subfolder=None, image_encoder_folder
     any other name found nowhere is an error.  The folder's config must be the family
     ``fmt`` was trained with (:data:`DIT_ENCODERS`), checked before any weight is loaded.
     """
-    if image_encoder_folder is None or not hasattr(pipe, "register_modules") or not hasattr(pipe, "image_encoder"):
-        return False
-    if getattr(pipe, "image_encoder", None) is None:
-        kwargs = check_hub_kwargs(hub_kwargs)
-        first = sources[0] if isinstance(sources, (list, tuple)) else sources
-        first_sub = subfolder[0] if isinstance(subfolder, (list, tuple)) else subfolder
-        places = [_encoder_location(first, first_sub, image_encoder_folder)] if isinstance(first, (str, os.PathLike)) else []
-        if image_encoder_folder != "image_encoder":  # the default names no folder or repo of its own
-            places.append((os.fspath(image_encoder_folder), None))
-        found = next((p for p in places if _has_config(*p, **kwargs)), None)
-        if found is None:
-            if image_encoder_folder == "image_encoder":
-                return False
-            tried = ", ".join(repr(_join(*p)) for p in places)
-            raise FileNotFoundError(f"image_encoder_folder: expected an image encoder (a folder or hub id with config.json), "
-                                    f"found none at {tried}")
-        family, wanted = DIT_ENCODERS.get(fmt, (None, None))
-        got = "siglip" if _vision_model_class(*found, **kwargs).__name__.startswith("Siglip") else "clip"
-        if family is not None and got != family:
-            raise ValueError(f"image_encoder_folder: a {fmt} adapter needs {wanted}, got a {got.upper()} encoder at "
-                             f"{_join(*found)!r}")
-        encoder = load_pretrained_encoder(*found, dtype=pipe.dtype, **hub_kwargs).to(pipe.device)
-        pipe.register_modules(image_encoder=encoder)
-    if hasattr(pipe, "feature_extractor") and getattr(pipe, "feature_extractor", None) is None:
-        pipe.register_modules(feature_extractor=default_image_processor(pipe.image_encoder))
-    return True
+    if image_encoder_folder is None or not hasattr(pipe, "register_modules") or getattr(pipe, "image_encoder", 0) is not None:
+        return None
+    kwargs = check_hub_kwargs(hub_kwargs)
+    first = sources[0] if isinstance(sources, (list, tuple)) else sources
+    first_sub = subfolder[0] if isinstance(subfolder, (list, tuple)) else subfolder
+    places = [_encoder_location(first, first_sub, image_encoder_folder)] if isinstance(first, (str, os.PathLike)) else []
+    if image_encoder_folder != "image_encoder":  # the default names no folder or repo of its own
+        places.append((os.fspath(image_encoder_folder), None))
+    found = next((p for p in places if _has_config(*p, **kwargs)), None)
+    if found is None:
+        if image_encoder_folder == "image_encoder":
+            return None
+        tried = ", ".join(repr(_join(*p)) for p in places)
+        raise FileNotFoundError(f"image_encoder_folder: expected an image encoder (a folder or hub id with config.json), "
+                                f"found none at {tried}")
+    family, wanted = DIT_ENCODERS.get(fmt, (None, None))
+    got = "siglip" if _vision_model_class(*found, **kwargs).__name__.startswith("Siglip") else "clip"
+    if family is not None and got != family:
+        raise ValueError(f"image_encoder_folder: a {fmt} adapter needs {wanted}, got a {got.upper()} encoder at "
+                         f"{_join(*found)!r}")
+    return load_pretrained_encoder(*found, dtype=pipe.dtype, **hub_kwargs).to(pipe.device)
 
 
 def _vision_model_class(name: str, subfolder: Optional[str], **hub_kwargs):
@@ -301,5 +309,5 @@ def load_image_processor(name: str, subfolder: Optional[str] = None, encoder=Non
 
 
 SourceList = Union[str, os.PathLike, dict, Sequence]
-__all__: List[str] = ["resolve_checkpoints", "resolve_one", "attach_image_encoder", "attach_dit_image_encoder", "download", "HubDownloadError",
+__all__: List[str] = ["resolve_checkpoints", "resolve_one", "attach_image_encoder", "find_image_encoder", "find_dit_image_encoder", "attach_encoder", "download", "HubDownloadError",
                       "load_pretrained_encoder", "load_image_processor", "default_image_processor", "is_siglip", "OFFICIAL"]

@@ -27,8 +27,14 @@ from ..processors.targets.registry import registry_of
 from ..processors.targets.sites import ip_key_ids, ip_sites
 from ..processors.unet.fused_processor import FusedIPAdapterAttnProcessor
 from ..processors.unet.image_projection import CachedImageProjection
-from .checkpoints import layer_ids, layer_weights, num_image_tokens, read_checkpoint
-from .report import SavingsReport, adapter_arguments
+from .checkpoints import (
+    check_encoder_width,
+    layer_ids,
+    layer_weights,
+    num_image_tokens,
+    read_checkpoint,
+)
+from .report import SavingsReport, adapter_arguments, scaled_weight
 from .transformer import load_transformer_ip_adapter
 
 
@@ -79,17 +85,6 @@ def ip_param_counts(model_or_pipeline, target, num_adapters: int = 1) -> Dict[st
 
 
 
-def _scaled(scale, weight):
-    """Adapter scale times layer weight; either may be a per-image list."""
-    if isinstance(scale, list) and isinstance(weight, list):
-        raise ValueError(f"scale: a per-image scale list {scale} can't combine with per-image target weights {weight}")
-    if isinstance(scale, list):
-        return [s * weight for s in scale]
-    if isinstance(weight, list):
-        return [scale * w for w in weight]
-    return scale * weight
-
-
 def load_ip_adapter(
     model_or_pipeline,
     checkpoint,
@@ -138,7 +133,7 @@ def load_ip_adapter(
     Like diffusers, a new call replaces previously loaded adapters.  Without an image
     encoder, pass ``ip_adapter_image_embeds``.
     """
-    from .hub import attach_image_encoder, resolve_checkpoints
+    from .hub import attach_encoder, find_image_encoder, resolve_checkpoints
 
     if transformer_family(unet_of(model_or_pipeline)) is not None:  # Flux / SD3.5: loaders/transformer.py
         return load_transformer_ip_adapter(model_or_pipeline, checkpoint, target, scale, subfolder=subfolder, weight_name=weight_name,
@@ -148,10 +143,34 @@ def load_ip_adapter(
     checkpoints = resolve_checkpoints(checkpoint, subfolder, weight_name, **hub_kwargs)  # files or state dicts
     if not checkpoints:
         raise ValueError("checkpoint: expected at least one checkpoint, got an empty list")
-    n = len(checkpoints)
-    targets, scales, starts, ends = adapter_arguments(n, target, scale, start_at, end_at)
-
+    targets, scales, starts, ends = adapter_arguments(len(checkpoints), target, scale, start_at, end_at)
     states = [read_checkpoint(c) for c in checkpoints]
+    train_steps = getattr(getattr(model_or_pipeline, "scheduler", None), "config", {}).get("num_train_timesteps", 1000)
+    # plan and check: nothing below touches the pipeline until every check passed, so a bad
+    # checkpoint, target or encoder leaves it as it was
+    plan = _plan(unet, states, targets, scales, [StepGate(s, e, train_steps) for s, e in zip(starts, ends)], arch)
+    encoder = find_image_encoder(model_or_pipeline, checkpoint, subfolder, image_encoder_folder, **hub_kwargs)
+    check_encoder_width(encoder if encoder is not None else getattr(model_or_pipeline, "image_encoder", None), states)
+    if image_encoder_folder is not None:
+        attach_encoder(model_or_pipeline, encoder)
+    return _commit(unet, plan)
+
+
+@dataclass
+class _Plan:
+    """Everything a load puts into a UNet, built and checked before any of it is."""
+
+    procs: Dict[str, object]  # every processor the UNet will hold
+    old: Dict[str, object]
+    projections: list
+    gates: list
+    report: LoadReport
+    registry: object
+    labels: Dict[str, dict]
+
+
+def _plan(unet, states, targets, scales, gates, arch) -> _Plan:
+    n = len(states)
     sites = ip_sites(unet)
     key_ids = ip_key_ids(unet)
     registry = registry_of(unet, arch)
@@ -165,12 +184,9 @@ def load_ip_adapter(
                 f"{len(expected_ids)} cross-attention layers (ids 1..{expected_ids[-1] if expected_ids else '-'}); "
                 "is the checkpoint for another architecture (SD1.5 vs SDXL)?"
             )
-    train_steps = getattr(getattr(model_or_pipeline, "scheduler", None), "config", {}).get("num_train_timesteps", 1000)
-    gates = [StepGate(s, e, train_steps) for s, e in zip(starts, ends)]
     gates = [None if g.always_open else g for g in gates]
     tokens = [num_image_tokens(state["image_proj"]) for state, _ in states]
 
-    # Build and check everything before touching the UNet, so a bad checkpoint leaves it as it was.
     procs = {name: proc for name, proc in unet.attn_processors.items() if not name.startswith("encoder_hid_proj.")}
     old = dict(procs)
     held_params = 0
@@ -185,7 +201,7 @@ def load_ip_adapter(
             hidden_size=shape[0],
             cross_attention_dim=shape[1],
             num_tokens=tokens,
-            scale=[_scaled(scales[a], weights[a][site.name]) if a in held else 0.0 for a in range(n)],
+            scale=[scaled_weight(scales[a], weights[a][site.name]) if a in held else 0.0 for a in range(n)],
             adapter_ids=held,
         )
         values = {}
@@ -206,26 +222,27 @@ def load_ip_adapter(
         except (RuntimeError, KeyError, ValueError) as exc:
             raise ValueError(f"{source}: image_proj does not fit diffusers' converter: {exc}") from exc
 
-    # every check passed: the encoder next (it may still fail, leaving the model as it was), then the UNet
-    attach_image_encoder(model_or_pipeline, checkpoint, subfolder, image_encoder_folder, **hub_kwargs)
+    labels = {f"ip_adapter[{a}]": {"target": t, "source": source} for a, ((_, source), t) in enumerate(zip(states, targets))}
+    reports = [AdapterReport(source, tokens[a], t, list(weights[a]), gates[a]) for a, ((_, source), t) in enumerate(zip(states, targets))]
+    report = LoadReport(reports, held_params, n * sum(layer_params(s) for s in sites), torch.finfo(unet.dtype).bits // 8,
+                        {k: old[k] for k in procs if procs[k] is not old[k]})
+    return _Plan(procs, old, projections, gates, report, registry, labels)
 
+
+def _commit(unet, plan: _Plan) -> LoadReport:
     # As diffusers: keep Kolors' text projection, and drop the old image projection
     # before setting processors (IP-Adapter Plus' projection has processors of its own).
     if unet.encoder_hid_proj is not None and unet.config.encoder_hid_dim_type == "text_proj" and not hasattr(unet, "text_encoder_hid_proj"):
         unet.text_encoder_hid_proj = unet.encoder_hid_proj
     unet.encoder_hid_proj = None
     diffusers_compat.register_processor_classes()  # diffusers modules imported since
-    unet.set_attn_processor(procs)
+    unet.set_attn_processor(plan.procs)
     # (diffusers then calls unet.to(...), which warns about fp32 modules; only new modules need moving)
-    unet.encoder_hid_proj = CachedImageProjection(projections).to(device=unet.device, dtype=unet.dtype)
+    unet.encoder_hid_proj = CachedImageProjection(plan.projections).to(device=unet.device, dtype=unet.dtype)
     unet.config.encoder_hid_dim_type = "ip_image_proj"
-    if any(g is not None for g in gates):
+    if any(g is not None for g in plan.gates):
         ensure_step_hook(unet)
-
-    reports = []
+    registry = plan.registry
     registry.labels = {name: info for name, info in registry.labels.items() if not name.startswith("ip_adapter[")}
-    for a, ((_, source), t) in enumerate(zip(states, targets)):
-        registry.labels[f"ip_adapter[{a}]"] = {"target": t, "source": source}
-        reports.append(AdapterReport(source, tokens[a], t, list(weights[a]), gates[a]))
-    all_params = n * sum(layer_params(s) for s in sites)
-    return LoadReport(reports, held_params, all_params, torch.finfo(unet.dtype).bits // 8, {k: old[k] for k in procs if procs[k] is not old[k]})
+    registry.labels.update(plan.labels)
+    return plan.report

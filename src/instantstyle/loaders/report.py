@@ -34,3 +34,14 @@ def adapter_arguments(n: int, target, scale, start_at, end_at) -> tuple:
     """``(targets, scales, starts, ends)``: one entry per checkpoint each, scales checked."""
     scales = [require_scale(f"scale[{i}]" if n > 1 else "scale", s) for i, s in enumerate(per_adapter("scale", scale, n))]
     return per_adapter("target", target, n), scales, per_adapter("start_at", start_at, n), per_adapter("end_at", end_at, n)
+
+
+def scaled_weight(scale, weight):
+    """Adapter scale times layer weight; either may be a per-image list, not both."""
+    if isinstance(scale, list) and isinstance(weight, list):
+        raise ValueError(f"scale: a per-image scale list {scale} can't combine with per-image target weights {weight}")
+    if isinstance(scale, list):
+        return [s * weight for s in scale]
+    if isinstance(weight, list):
+        return [scale * w for w in weight]
+    return scale * weight

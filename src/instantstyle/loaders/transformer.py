@@ -65,10 +65,10 @@ def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", sca
                                 arch: Optional[str] = None, **hub_kwargs) -> TransformerLoadReport:
     """See :func:`instantstyle.loaders.load_ip_adapter`; for Flux and SD3 transformers.
     A pipeline without an image encoder gets one from ``image_encoder_folder``
-    (:func:`~instantstyle.loaders.hub.attach_dit_image_encoder`: next to the adapter, or a
+    (:func:`~instantstyle.loaders.hub.find_dit_image_encoder`: next to the adapter, or a
     folder / hub id of its own; CLIP ViT-L for XLabs, SigLIP for InstantX, checked),
     after the checkpoints are read and checked and before the model is touched."""
-    from .hub import attach_dit_image_encoder, resolve_checkpoints
+    from .hub import attach_encoder, find_dit_image_encoder, resolve_checkpoints
 
     model = unet_of(model_or_pipeline)
     family = transformer_family(model)
@@ -106,7 +106,9 @@ def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", sca
         layers = [list(w) for w in weights]
 
     # nothing above touched the model; a missing or wrong encoder still leaves it as it was
-    attach_dit_image_encoder(model_or_pipeline, checkpoint, subfolder, image_encoder_folder, fmt, **hub_kwargs)
+    encoder = find_dit_image_encoder(model_or_pipeline, checkpoint, subfolder, image_encoder_folder, fmt, **hub_kwargs)
+    if image_encoder_folder is not None:
+        attach_encoder(model_or_pipeline, encoder)
     # As diffusers: drop the old image projection
     # first (SD3's has attention modules of its own), then set processors.
     diffusers_compat.register_processor_classes()
