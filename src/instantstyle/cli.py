@@ -54,6 +54,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_error(exc: BaseException):
+    """The ImportError behind ``exc``, if any: libraries re-raise import failures as their
+    own errors (diffusers' lazy modules: "Failed to import X because of the following
+    error (look up to see its traceback)"), which name neither the module nor the file."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ImportError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an unexpected error.  An import failure names the module that failed
+    and the file it came from (a folder in the working directory that shadows an installed
+    package shows up here)."""
+    text = (str(exc).splitlines() or [""])[0].split(" because of the following error")[0]
+    line = f"{type(exc).__name__}: {text}"
+    cause = _import_error(exc)
+    if cause is not None:
+        module = sys.modules.get(cause.name or "")
+        where = cause.path or getattr(module, "__file__", None)
+        detail = (str(cause).splitlines() or [""])[0]
+        found = f"module {cause.name!r} was imported from {where}" if where else f"module {cause.name!r} is not installed"
+        said = f"{type(cause).__name__}: {detail}" if cause is not exc else ""
+        if not (where and where in detail):  # CPython already names the file of a failed ``from x import y``
+            said = f"{said} ({found})" if said else f"({found})"
+        line = f"{line}: {said}" if cause is not exc else f"{line} {said}"
+    return line
+
+
 def _error(message: str) -> None:
     print(f"instantstyle: error: {message}", file=sys.stderr)
 
@@ -87,8 +119,7 @@ def main(argv=None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        text = (str(exc).splitlines() or [""])[0]
-        _error(f"{type(exc).__name__}: {text} (run with --debug for the traceback)")
+        _error(f"{describe_error(exc)} (run with --debug for the traceback)")
         return 1
 
 
