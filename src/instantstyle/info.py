@@ -22,9 +22,10 @@ import importlib
 import json
 import os
 import platform
-import sys
 
 import torch
+
+from instantstyle.pipelines.errors import UserError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEVICES = ("cpu", "cuda")
@@ -32,8 +33,9 @@ DEFAULT_SHAPE = "2,4096,10,64,77,4"
 SHAPE_NAMES = ("B", "N", "H", "D", "Lt", "L_ip")
 
 
-class ArgumentError(Exception):
-    """A bad command-line value: printed as one line, exit code 2."""
+class ArgumentError(UserError):
+    """A bad command-line value: the CLI prints it as one line, ``instantstyle: error: ...``, exit 2
+    (the prefix and exit code every command's mistakes get)."""
 
 
 def package_versions() -> dict:
@@ -132,12 +134,11 @@ def _check_args(args) -> tuple:
 
 
 def run(args) -> int:
+    shape = _check_args(args)  # ArgumentError: cli.main prints it with the common prefix
     try:
-        shape = _check_args(args)
         table = dispatch_table(shape, args.dtype or list(DTYPES), args.device, args.arch)
-    except (ArgumentError, ValueError, TypeError) as exc:  # bad values: one line, no traceback
-        print(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, file=sys.stderr)
-        return 2
+    except (ValueError, TypeError) as exc:  # a shape the planner refuses: the user's values, not a bug
+        raise ArgumentError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     report = {
         "versions": package_versions(),
         "devices": devices(),

@@ -116,7 +116,7 @@ def test_info_plans_for_an_absent_gpu():
 def test_info_errors_are_one_line_exit_2(args, message):
     proc = _cli("info", *args)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.strip().startswith("instantstyle: error: " + message) and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
 
 

@@ -143,3 +143,32 @@ def test_stylize_from_a_hub_id_offline(tiny_sdxl, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "hub.png.json").read_text())
     assert record["ip_adapter_file"].startswith(str(cache)) and record["targets"]
+
+
+# ---- issue 16 ----
+
+@pytest.mark.skipif(not os.path.isdir("/sys") or os.path.exists("/sys/x.png"), reason="needs Linux's /sys")
+def test_out_in_a_folder_that_refuses_files_fails_before_loading(tiny_sdxl, tmp_path, capsys, no_loading):
+    """`os.access` says /sys is writable for root; generation ran, then the image was lost to a
+    PermissionError.  The check now creates (and removes) a real file in the folder."""
+    assert main(_set(_args(tiny_sdxl, tmp_path / "x.png"), "--out", "/sys/x.png")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.match(r"instantstyle: error: --out: expected a folder that takes new files, got '/sys': can't create", err), err
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".instantstyle-tmp-")]
+
+
+def test_the_out_check_leaves_no_file_behind(tiny_sdxl, tmp_path, no_loading):
+    from instantstyle.pipelines.outputs import writable_folder
+
+    assert writable_folder(str(tmp_path / "new"), "--out") == str(tmp_path / "new")
+    assert os.listdir(tmp_path / "new") == []
+
+
+def test_info_errors_have_the_prefix_every_command_uses(capsys):
+    """`instantstyle info` printed its one-line errors without `instantstyle: error:`."""
+    assert main(["info", "--shape", "1,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "instantstyle: error: --shape: expected six integers B,N,H,D,Lt,L_ip, got '1,2'"
+    assert main(["info", "--device", "tpu"]) == 2
+    assert capsys.readouterr().err.startswith("instantstyle: error: --device: expected one of cpu, cuda, got 'tpu'")

@@ -17,10 +17,24 @@ Several machines:   accelerate launch --num_machines 2 --machine_rank R --main_p
 
 Each process loads the pipeline once and takes a fixed slice of the rows; a row's image
 depends only on the row and its seed, never on which process ran it.  Re-running the same
-command skips rows that are complete (<name>.png + <name>.png.json), so an interrupted run
-resumes; files are written atomically.  A failing row gets <name>.png.error.json and the run
-goes on.  The end: OUT/summary.json (every row: ok, skipped or failed with its reason); exit
-status 1 if any row failed, else 0.
+command skips rows that are complete (<name>.png + <name>.png.json recording the same
+settings), so an interrupted run resumes; files are written atomically, with the umask's mode.
+A row whose settings changed since its image was made (the row, a flag, or a style image's
+bytes: the sidecar keeps their hash) is redone; with --no-redo it is left as it is and reported
+"stale".  A name is a file stem, never a path: one component of letters, digits, space and
+. - _ + = , ( ), not starting with ".", at most 200 bytes; nothing is ever written outside --out.
+Seeds are integers in [0, 2**64 - 1]; -1 is refused (it does not mean random).
+
+No row stops the run: a failing row (bad name, field or image, a model error) gets
+<name>.png.error.json (a row without a usable name only its summary entry, under "row-N") and the
+run goes on.  The end: OUT/summary.json (every row: ok, skipped, stale or failed with its reason).
+
+exit status:
+  0    every row is ok or already complete
+  1    some row failed or is stale (--no-redo); OUT/summary.json lists them
+  2    a mistake found before any row ran (a flag, the --out folder, a missing, unreadable or
+       empty MANIFEST, a model that does not load): one line "instantstyle: error: ..."
+  130  interrupted
 """
 from __future__ import annotations
 
@@ -30,7 +44,9 @@ import time
 
 from .batch import (
     Job,
+    effective_settings,
     merge_summary,
+    rank_results_path,
     read_manifest,
     remove_stale_temporaries,
     run_shard,
@@ -39,6 +55,7 @@ from .cli_args import (
     add_model_arguments,
     add_runtime_arguments,
     check_runtime,
+    check_seed,
     device_and_dtype,
     finite,
     hub_kwargs,
@@ -54,7 +71,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=[e[1:] for e in IMAGE_FORMATS], default="png", help="image format (default png)")
     add_model_arguments(parser)
     g = parser.add_argument_group("defaults of the manifest's optional fields")
-    g.add_argument("--seed", type=int, default=0, help="row i without a seed uses SEED + i (default 0)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="row i without a seed uses SEED + i (default 0); seeds are integers in [0, 2**64 - 1]")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--content-prompt", default=None)
     g.add_argument("--content-scale", type=float, default=0.5)
@@ -63,6 +81,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--target", action="append", metavar="PATTERN", help="module prefix/glob instead of --preset")
     g.add_argument("--start-at", type=float, default=0.0)
     g.add_argument("--end-at", type=float, default=1.0)
+    parser.add_argument("--no-redo", action="store_true",
+                        help="leave a row whose settings changed since its image was made as it is (reported "
+                             "'stale', exit 1) instead of redoing it")
     add_runtime_arguments(parser)
 
 
@@ -74,6 +95,7 @@ def _check(args) -> str:
         raise UserError("--target and --preset: give one (--target names modules, --preset a block preset)")
     finite("--scale", args.scale, 0)
     finite("--content-scale", args.content_scale, 0)
+    check_seed("--seed", args.seed)
     from .cli_args import check_start_end
 
     check_start_end(args)
@@ -115,9 +137,9 @@ def _wire(args, state, hub):
     encoder, processor = load_image_encoder(args, dtype, hub)
     text_encoder, tokenizer = load_content_text_encoder(args, dtype, hub)
     pipe.to(device)
-    default_target = args.target or args.preset or "style"
+    defaults = defaults_of(args)
     try:
-        style = InstantStyle(pipe, ip_file, target=default_target, scale=args.scale, image_encoder=encoder.to(device),
+        style = InstantStyle(pipe, ip_file, target=defaults["target"], scale=args.scale, image_encoder=encoder.to(device),
                              image_processor=processor, tokenizer=tokenizer, image_encoder_folder=None,
                              text_encoder=text_encoder.to(device) if text_encoder is not None else None,
                              start_at=args.start_at, end_at=args.end_at)
@@ -126,14 +148,13 @@ def _wire(args, state, hub):
     scheduler = type(pipe.scheduler).__name__
 
     def generate(job: Job, seed: int):
+        row = effective_settings(job, seed, defaults)  # the settings the sidecar's hash covers
         images = [open_image("style", p) for p in job.style]
-        style.configure(target=job.target if job.target is not None else default_target,
-                        scale=job.scale if job.scale is not None else args.scale)
-        content = job.content_prompt if job.content_prompt is not None else args.content_prompt
-        content_scale = job.content_scale if job.content_scale is not None else args.content_scale
+        style.configure(target=row["target"], scale=row["scale"])
         with use_backend(args.backend):
-            embeds = style.embeds(images, content, content_scale, do_classifier_free_guidance=args.guidance > 1.0)
-            image = pipe(prompt=job.prompt, negative_prompt=job.negative_prompt or args.negative_prompt,
+            embeds = style.embeds(images, row["content_prompt"], row["content_scale"],
+                                  do_classifier_free_guidance=args.guidance > 1.0)
+            image = pipe(prompt=job.prompt, negative_prompt=row["negative_prompt"],
                          ip_adapter_image_embeds=embeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                          height=args.height, width=args.width,
                          generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
@@ -142,6 +163,19 @@ def _wire(args, state, hub):
                        "ip_adapter": args.ip_adapter}
 
     return generate
+
+
+#: run-wide flags that decide every row's image, so a change to one redoes the rows (device,
+#: backend and threads choose how it runs, not what is asked for, and are left out)
+RUN_SETTINGS = ("model", "ip_adapter", "subfolder", "weight_name", "image_encoder", "content_text_encoder", "steps",
+                "guidance", "height", "width", "dtype", "start_at", "end_at")
+
+
+def defaults_of(args) -> dict:
+    """The flags' side of every row's effective settings (see ``batch.effective_settings``)."""
+    return {"negative_prompt": args.negative_prompt, "scale": args.scale, "target": args.target or args.preset or "style",
+            "content_prompt": args.content_prompt, "content_scale": args.content_scale,
+            **{k: getattr(args, k, None) for k in RUN_SETTINGS}}
 
 
 def argparse_namespace(args, **changes):
@@ -168,22 +202,27 @@ def run(args) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "command", "debug") and not callable(v)}
 
     def save(image, path, record):
-        save_image(image, path, png_text(dict(record["row"], seed=record["seed"], model=args.model,
-                                              scheduler=record["scheduler"], backend=args.backend)))
+        save_image(image, path, png_text(dict(record["settings"], scheduler=record.get("scheduler"),
+                                              backend=args.backend)))
 
     with tqdm(total=len(mine), desc=f"stylize-batch (rank 0 of {world})", unit="row", file=sys.stderr,
               disable=not state.is_main_process, dynamic_ncols=True) as bar:
-        results = run_shard(mine, out_dir, ext, args.seed, rank, generate, save, tick=lambda: bar.update(1))
-    write_json(os.path.join(out_dir, f".rank-{rank}.results.json"), [vars(r) for r in results])
+        results = run_shard(mine, out_dir, ext, args.seed, rank, generate, save, tick=lambda: bar.update(1),
+                            defaults=defaults_of(args), redo=not args.no_redo)
+    write_json(rank_results_path(out_dir, rank), [vars(r) for r in results])
     state.wait_for_everyone()
-    failed = 0
+    bad = 0
     if state.is_main_process:
         summary = merge_summary(out_dir, world, len(jobs), settings)
-        failed = summary["failed"]
-        print(f"stylize-batch: {summary['ok']} written, {summary['skipped']} already complete, {failed} failed "
-              f"({world} process(es), {time.perf_counter() - started:.1f} s); {os.path.join(out_dir, 'summary.json')}",
+        bad = summary["failed"] + summary["stale"] + len(summary.get("ranks_without_results", ()))
+        print(f"stylize-batch: {summary['ok']} written, {summary['skipped']} already complete, {summary['failed']} failed"
+              + (f", {summary['stale']} stale (--no-redo)" if summary["stale"] else "")
+              + f" ({world} process(es), {time.perf_counter() - started:.1f} s); {os.path.join(out_dir, 'summary.json')}",
               file=sys.stderr)
-        for row in summary["failed_rows"]:
+        for row in summary["failed_rows"] + summary["stale_rows"]:
             print(f"  row {row['index']} ({row['name']}): {row['reason']}", file=sys.stderr)
+        if summary.get("ranks_without_results"):
+            print(f"  process(es) {summary['ranks_without_results']} wrote no results: their rows are missing",
+                  file=sys.stderr)
     state.wait_for_everyone()
-    return 1 if failed else 0
+    return 1 if bad else 0

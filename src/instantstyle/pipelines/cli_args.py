@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from .errors import UserError
 
@@ -49,6 +50,44 @@ def add_runtime_arguments(parser) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU: torch threads (default: one less than the available cores, at most 16). On a shared "
                         "machine, more threads than free cores makes runs erratic (0.2 s to 30 s seen on 2 cores)")
+
+
+#: the largest seed: torch's generators take an unsigned 64-bit seed (one more raises "Overflow
+#: when unpacking long long" deep in generation).  Note that torch's CPU generator (Mersenne
+#: Twister) uses only the low 32 bits, so on it seeds that differ by a multiple of 2**32 draw the
+#: same noise; CUDA's generator uses all 64.
+SEED_MAX = 2**64 - 1
+
+
+def shown(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages stay one readable line, whatever
+    the input (repr also escapes control characters, so a hostile name can't drive the terminal)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'" + f" ({len(text)} chars)"
+
+
+def parse_seed(name: str, value) -> int:
+    """A seed: an integer in [0, 2**64), or ValueError naming ``name``, the range and the value.
+
+    One rule for every command: a negative seed (``-1`` as "random" in other tools) is refused,
+    never drawn at random nor wrapped, so a sidecar's seed always reproduces its image."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]{1,21}\s*", value):  # a CSV cell
+        number = int(value)
+    if number is None or not 0 <= number <= SEED_MAX:
+        hint = " (-1 does not mean random here: give a seed)" if number is not None and number < 0 else ""
+        raise ValueError(f"{name}: expected an integer in [0, {SEED_MAX}], got {shown(value)}{hint}")
+    return number
+
+
+def check_seed(flag: str, value) -> int:
+    """:func:`parse_seed` for a command-line flag: a one-line :class:`UserError`."""
+    try:
+        return parse_seed(flag, value)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def finite(flag: str, value, low=None, high=None, low_open=False):

@@ -7,15 +7,23 @@
 * Files are written to a temporary name in the same folder and renamed into place
   (``os.replace`` is atomic on one file system), so a killed run leaves whole files or none:
   ``stylize-batch`` relies on that to resume.
+* Files get the mode any program's new file gets: 0o666 less the umask (0644 by default), so a
+  shared output folder stays readable.  The temporary file is created with mode 0o666 and the
+  kernel applies the umask (and a folder's default ACL), as ``open()`` does; nothing reads or
+  changes the process-wide umask (``mkstemp`` would give 0600).
+* A folder is checked by creating and removing a real file in it: ``os.access`` says yes for
+  root on read-only mounts and pseudo file systems (``/sys``), and the image would be lost
+  after generation.
 * PNGs carry their settings in text chunks (``instantstyle`` JSON, plus a readable
   ``parameters`` line as other tools write it).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-import tempfile
+import secrets
 from typing import Iterable, List, Optional
 
 from .errors import UserError
@@ -38,9 +46,31 @@ def writable_folder(folder: str, flag: str) -> str:
         raise UserError(f"{flag}: can't create folder {folder!r}: {exc.strerror or exc}") from None
     if not os.path.isdir(folder):
         raise UserError(f"{flag}: {folder!r} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: folder {folder!r} is not writable")
+    try:
+        fd, probe = _create_temp(folder, "probe")
+    except OSError as exc:
+        raise UserError(f"{flag}: expected a folder that takes new files, got {folder!r}: can't create a file "
+                        f"there ({exc.strerror or exc})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):  # another process's cleanup of temporaries may be first
+        os.unlink(probe)
     return folder
+
+
+def _create_temp(folder: str, suffix: str):
+    """``(fd, path)`` of a new, empty file in ``folder`` named ``TEMP_PREFIX...suffix``.
+
+    Mode 0o666 is filtered by the umask in the kernel, as for any ``open()``; O_EXCL never
+    follows a symlink planted at the name, and a name already taken is just drawn again."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    suffix = suffix[-60:]  # the tail (its extension) is for people; a long name must not pass NAME_MAX
+    for _ in range(100):
+        path = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(6)}-{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder!r}")
 
 
 def check_output(out: str, flag: str = "--out", paths: Optional[Iterable[str]] = None) -> List[str]:
@@ -69,7 +99,7 @@ def check_output(out: str, flag: str = "--out", paths: Optional[Iterable[str]] =
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename into place."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=folder)
+    fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -36,6 +36,7 @@ from .cli_args import (
     add_model_arguments,
     add_runtime_arguments,
     check_runtime,
+    check_seed,
     check_start_end,
     device_and_dtype,
     finite,
@@ -89,7 +90,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--controlnet", help="ControlNet folder or hub id (needs --control-image)")
     g.add_argument("--control-image", help="control image for --controlnet")
     g.add_argument("--canny", action="store_true", help="turn --control-image into Canny edges first")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="an integer in [0, 2**64 - 1] (default 0; -1 is refused, "
+                   "it does not mean random)")
     g.add_argument("--out", required=True, help="output image (.png, .jpg, .webp); <out>.json is written next to it")
     add_runtime_arguments(parser)
 
@@ -235,6 +237,7 @@ def check_all(args) -> list:
         raise UserError("--canny: needs --control-image")
     check_method_arguments(args)
     check_runtime(args)
+    check_seed("--seed", args.seed)
     count = len(args.prompt) if args.method == "style-aligned" else 1
     return check_output(args.out, "--out", output_paths(args.out, count))
 
