@@ -26,7 +26,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages("src"),
     package_dir={"": "src"},
-    package_data={"instantstyle.bench": ["results/*.md", "results/*.png"], "instantstyle.kernels": ["tuned/*.json"]},
+    package_data={"instantstyle.bench": ["results/*.md", "results/*.png"], "instantstyle.kernels": ["tuned/*.json"],
+                  "instantstyle.training": ["*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

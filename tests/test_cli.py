@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from instantstyle.cli import describe_error
 
 
@@ -36,6 +38,7 @@ def test_other_errors_stay_one_plain_line():
     assert describe_error(ValueError("bad\nsecond line")) == "ValueError: bad"
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_a_folder_that_shadows_a_dependency_is_named_by_the_cli(tmp_path):
     (tmp_path / "kernels").mkdir()  # what the repo root used to hold: transformers imports PyPI's `kernels`
     (tmp_path / "kernels" / "__init__.py").write_text("")

@@ -1,8 +1,8 @@
 """The architecture, checked: dependencies point one way,
 
     kernels <- processors.core <- processors.targets <- processors.unet | processors.dit
-            <- processors (the front door) <- processors.methods <- loaders
-            <- pipelines | bench <- CLI (root)
+            | processors.wan <- processors (the front door) <- processors.methods
+            <- loaders <- pipelines | bench <- training <- CLI (root)
 
 and no module imports from a higher layer, not even inside a function (a lazy import
 is still a cycle).  Rooms that share a layer (the UNet and DiT families; pipelines and
@@ -24,12 +24,14 @@ PACKAGES = {
     "instantstyle.processors.targets": (f"{SRC}/processors/targets", 2),
     "instantstyle.processors.unet": (f"{SRC}/processors/unet", 3),
     "instantstyle.processors.dit": (f"{SRC}/processors/dit", 3),
+    "instantstyle.processors.wan": (f"{SRC}/processors/wan", 3),
     "instantstyle.processors": (f"{SRC}/processors", 4),
     "instantstyle.processors.methods": (f"{SRC}/processors/methods", 5),
     "instantstyle.loaders": (f"{SRC}/loaders", 6),
     "instantstyle.pipelines": (f"{SRC}/pipelines", 7),
     "instantstyle.bench": (f"{SRC}/bench", 7),
-    "instantstyle": (SRC, 8),
+    "instantstyle.training": (f"{SRC}/training", 8),
+    "instantstyle": (SRC, 9),
 }
 MAX_LINES = 600
 

@@ -7,7 +7,6 @@ has and CI lacks: a local hub cache (HF_HUB_OFFLINE=1) holding a tiny SDXL pipel
 ``"cuda"``/float16 -> CPU/float32.  A block that fails fails this test
 with the block's README line and the error.
 """
-import importlib.util
 import json
 import os
 import re
@@ -16,6 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from helpers.sdxl_pipelines import build_tiny_sdxl
+
+pytestmark = pytest.mark.slow  # every README block on a tiny SDXL pipeline, in a subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -60,12 +64,9 @@ def _hub(cache: Path, repo_id: str, files: dict) -> None:
 
 
 def _tiny_models(tmp: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("pipeline_fixtures", ROOT / "tests" / "pipelines" / "conftest.py")
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
     root = tmp / "tiny"
     root.mkdir()
-    return fixtures.build_tiny_sdxl(root)
+    return build_tiny_sdxl(root)
 
 
 def test_every_python_block_of_the_readme_runs(tmp_path):

@@ -12,5 +12,8 @@ _LAZY = {
     "registry_of": "instantstyle.processors",
     "apply_method": "instantstyle.processors.methods",
     "remove_method": "instantstyle.processors.methods",
+    "clear_caches": "instantstyle.processors",
+    "set_caches": "instantstyle.processors",
+    "set_image_scale": "instantstyle.processors",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

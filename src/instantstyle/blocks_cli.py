@@ -13,9 +13,14 @@ Example:
     instantstyle blocks --arch flux --preset style          # InstantX FLUX.1-dev layout
     instantstyle blocks --arch flux --preset double --format xlabs
     instantstyle blocks --arch sd3 --preset all
+    instantstyle blocks --arch wan --preset all --cross-only   # Wan 2.1 I2V 14B
+    instantstyle blocks --arch wan --target blocks.1*           # what set_image_scale(target=...) reaches
 
 Transformers (flux, sd3) list joint/single layers; "queries" is the joint sequence
-(image + text tokens) at 1024 px.
+(image + text tokens) at 1024 px.  Wan (2.1 I2V 14B: 40 blocks, 40 heads x 128) lists
+each block's self- (attn1) and cross-attention (attn2, with the native image branch);
+"queries" is the video tokens at 480x832, 81 frames (32,760), and the preset/target is
+where ``set_image_scale(..., target=...)`` acts.
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ def describe_blocks(arch: str, target=None, cross_only: bool = False, fmt=None):
 
     unet = build_meta_unet(arch)
     registry = registry_of(unet, arch)
+    if arch == "wan":
+        return _describe_wan(unet, registry, target, cross_only)
     summary = {"arch": arch, "target": target}
     planned = {}
     if target is not None:
@@ -73,6 +80,23 @@ def describe_blocks(arch: str, target=None, cross_only: bool = False, fmt=None):
     return rows, summary
 
 
+def _describe_wan(model, registry, target, cross_only: bool):
+    """Wan: every attn2 holds the native image branch; ``target`` shows where set_image_scale acts."""
+    branch = {s.name: 1.0 for s in registry.sites if getattr(s.module, "add_k_proj", None) is not None}
+    planned = {"image_branch": branch}
+    summary = {"arch": "wan", "target": target}
+    if target is not None:
+        planned["set_image_scale"] = {s: w for s, w in registry.resolve(target, "cross").items() if s in branch}
+        first = next(s.module for s in registry.sites if s.name in branch)
+        per_layer = sum(p.numel() for name, p in first.named_parameters() if name.startswith(("add_k_proj", "add_v_proj", "norm_added_k")))
+        summary.update(image_layers=len(planned["set_image_scale"]), image_layers_all=len(branch),
+                       image_params=per_layer * len(planned["set_image_scale"]), image_params_all=per_layer * len(branch))
+    rows = registry.table(planned)
+    if cross_only:
+        rows = [r for r in rows if r["kind"] == "cross"]
+    return rows, summary
+
+
 def _capable(weights: dict, sites, fmt: str, target) -> dict:
     """The loader's rule: ``"all"`` means the layers the format has weights for; a target
     naming others is an error."""
@@ -92,6 +116,13 @@ def _table(rows, summary) -> str:
     for r in rows:
         shape = f"{r['heads']} x {r['head_dim']}"
         lines.append(f"{r['name']:<{width}}  {r['kind']:<5}  {shape:>11}  {r['queries'] or '-':>7}  {', '.join(r['injected']) or '-'}")
+    if "image_layers" in summary:
+        lines.append(
+            f"\nwan target {summary['target']!r}: set_image_scale acts on {summary['image_layers']} of "
+            f"{summary['image_layers_all']} cross-attention layers with an image branch (add_k_proj, add_v_proj, "
+            f"norm_added_k: {summary['image_params']:,} of {summary['image_params_all']:,} parameters); "
+            "a block at scale 0 skips its image branch entirely"
+        )
     if "ip_params" in summary:
         fp16 = 2 * (summary["ip_params_all_layers"] - summary["ip_params"])
         lines.append(

@@ -19,6 +19,7 @@ COMMANDS = [
     ("blocks", "instantstyle.blocks_cli", "list a UNet's attention modules and what is injected where"),
     ("stylize", "instantstyle.pipelines.stylize_cli", "stylise an image with InstantStyle (style reference + prompt -> PNG)"),
     ("stylize-batch", "instantstyle.pipelines.batch_cli", "stylise a manifest of jobs, data-parallel under accelerate/torchrun"),
+    ("train-adapter", "instantstyle.training.cli", "train an IP-Adapter into chosen blocks only (style by default), on accelerate"),
 ]
 
 

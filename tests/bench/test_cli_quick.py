@@ -17,6 +17,8 @@ from instantstyle.bench.providers import NOT_TIMED_NO_GPU
 from instantstyle.bench.shapes import QUICK_SHAPES, TARGET_SHAPE_NAME
 
 GPU = torch.cuda.is_available()
+pytestmark = pytest.mark.slow  # a whole `bench --quick` run in a subprocess
+
 META_KEYS = ("run_id", "time_utc", "device_name", "torch", "triton", "diffusers", "xformers", "git_commit")
 
 

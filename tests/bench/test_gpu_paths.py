@@ -97,6 +97,7 @@ def test_processor_suite_gpu_path(fake_gpu, monkeypatch):
     assert rows[0]["speedup"] == 1.0
 
 
+@pytest.mark.slow  # whole tiny UNets, every provider
 def test_unet_suite_gpu_path(fake_gpu, monkeypatch):
     monkeypatch.setattr(suite_unet, "SDXL_UNET_CONFIG", suite_unet.REDUCED_UNET_CONFIG)
     monkeypatch.setattr(suite_unet, "GPU_LATENT", 8)

@@ -26,6 +26,8 @@ def _report(*args):
     assert proc.stdout, proc.stderr[-3000:]
     return proc.returncode, [SimpleNamespace(**row) for row in json.loads(proc.stdout)], proc.stderr
 
+pytestmark = pytest.mark.slow  # compiles every kernel variant for every arch (about a minute on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def reports():

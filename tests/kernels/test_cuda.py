@@ -1,7 +1,7 @@
 """The compiled kernel on a real GPU: numerics, CUDA graphs, torch.compile.
 
-Skipped without CUDA (the interpreter tests in test_numerics.py cover the same cases on
-CPU); run on every GPU a session gets: ``python -m pytest tests/kernels/test_cuda.py``.
+Marked ``gpu``, so skipped without CUDA (the interpreter tests in test_numerics.py cover the
+same cases on CPU); run on every GPU a session gets: ``python -m pytest -m gpu``.
 """
 import pytest
 import torch
@@ -9,10 +9,9 @@ import torch
 from instantstyle.kernels import check_close, decoupled_attention, explain_dispatch, normalize_inputs, reference_decoupled_attention
 from instantstyle.kernels.triton_decoupled import triton_decoupled_attention
 
-from kernel_cases import make_case
-from test_numerics import CASES, DTYPES, _kwargs
+from helpers.kernel_cases import CASES, DTYPES, case_kwargs, make_case
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 
 def _to_cuda(kwargs):
@@ -29,7 +28,7 @@ def _to_cuda(kwargs):
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_compiled_kernel_matches_float64_reference(case, dtype_name):
-    kwargs = _to_cuda(_kwargs(case, DTYPES[dtype_name]))
+    kwargs = _to_cuda(casecase_kwargs(case, DTYPES[dtype_name]))
     inputs = normalize_inputs(**kwargs)
     poisoned = torch.full(inputs.q.shape, float("nan"), dtype=inputs.q.dtype, device="cuda")
     out = triton_decoupled_attention(inputs, out=poisoned)

@@ -9,49 +9,13 @@ import torch
 from instantstyle.kernels import check_close, decoupled_attention, normalize_inputs, reference_decoupled_attention
 from instantstyle.kernels.triton_decoupled import triton_decoupled_attention
 
-from kernel_cases import make_case
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# (id, B, N, H, D, Lt, ip_lens, extras)
-CASES = [
-    ("sdxl_like", 2, 96, 2, 64, 77, (4,), {}),
-    ("sd15_d40", 2, 70, 2, 40, 77, (4,), {}),
-    ("sd15_d80_plus", 1, 33, 2, 80, 77, (16,), {}),
-    ("sd15_d160", 1, 20, 1, 160, 77, (4,), {}),
-    ("d256", 1, 17, 1, 256, 40, (4,), {}),
-    ("d8_tiny", 2, 5, 3, 8, 3, (1,), {}),
-    ("n1", 2, 1, 2, 64, 77, (4,), {}),
-    ("long_prompt_231", 1, 65, 2, 64, 231, (4,), {}),
-    ("lt512_full_face_257", 1, 40, 1, 64, 512, (257,), {}),
-    ("lt1", 1, 30, 2, 32, 1, (4,), {}),
-    ("no_streams", 2, 50, 2, 64, 77, (), {}),
-    ("two_adapters_masked", 2, 64, 2, 64, 77, (4, 16), {"masks": True}),
-    ("eight_streams", 1, 30, 1, 64, 20, (4, 16, 1, 4, 33, 4, 16, 4), {"masks": True}),
-    ("bool_text_bias", 2, 40, 2, 64, 154, (4,), {"bias": "bool"}),
-    ("additive_text_bias", 2, 40, 2, 40, 77, (16,), {"bias": "additive"}),
-    ("heads_first_views", 2, 70, 2, 64, 77, (4, 257), {"layout": "heads_first"}),
-    ("packed_qkv_slices", 2, 50, 2, 80, 77, (4,), {"layout": "slice"}),
-    ("per_sample_scales", 3, 40, 2, 64, 77, (4, 16), {"scales": "per_sample"}),
-    ("joint_self_attention_keys", 2, 70, 2, 64, 70, (), {"joint": 70}),
-    ("joint_keys_with_logit_bias_and_ip", 2, 40, 2, 40, 77, (4,), {"joint": 130, "joint_bias": "additive", "bias": "bool"}),
-    ("joint_bool_bias_views", 1, 33, 2, 80, 20, (16,), {"joint": 9, "joint_bias": "bool", "layout": "heads_first"}),
-]
-
-
-def _kwargs(case, dtype):
-    _, B, N, H, D, Lt, ip_lens, extras = case
-    extras = dict(extras)
-    if extras.get("scales") == "per_sample":
-        # includes a sample whose scale is 0 for one stream: the kernel's skip branch
-        extras["scales"] = [torch.tensor([0.0, 0.7, 1.5]), torch.tensor([1.0, 0.0, -0.5])]
-    return make_case(B, N, H, D, Lt, ip_lens, dtype, **extras)
+from helpers.kernel_cases import CASES, DTYPES, case_kwargs, make_case
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_triton_matches_float64_reference(case, dtype_name):
-    kwargs = _kwargs(case, DTYPES[dtype_name])
+    kwargs = case_kwargs(case, DTYPES[dtype_name])
     inputs = normalize_inputs(**kwargs)
     poisoned = torch.full(inputs.q.shape, float("nan"), dtype=inputs.q.dtype)
     out = triton_decoupled_attention(inputs, out=poisoned)
@@ -62,7 +26,7 @@ def test_triton_matches_float64_reference(case, dtype_name):
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_torch_backend_matches_float64_reference(case, dtype_name):
-    kwargs = _kwargs(case, DTYPES[dtype_name])
+    kwargs = case_kwargs(case, DTYPES[dtype_name])
     out = decoupled_attention(**kwargs, backend="torch")
     check_close(out, reference_decoupled_attention(normalize_inputs(**kwargs)), dtype_name)
 

@@ -94,6 +94,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "instantstyle", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_info_plans_for_an_absent_gpu():
     headline = _cli("info", "--shape", "2,4096,10,64,77,4", "--dtype", "float16", "--device", "cuda", "--arch", "sm_90", "--json")
     row = json.loads(headline.stdout)["dispatch"][0]
@@ -105,6 +106,7 @@ def test_info_plans_for_an_absent_gpu():
     assert plain["backend"] == "torch" and plain["not_chosen"]["triton"]
 
 
+@pytest.mark.slow  # a CLI subprocess each
 @pytest.mark.parametrize("args, message", [
     (("--shape", "2,4096,10,64,77"), "--shape: expected six integers B,N,H,D,Lt,L_ip, got '2,4096,10,64,77'"),
     (("--shape", "2,4096,10,64,0,4"), "--shape: expected B,N,H,D,Lt >= 1 and L_ip >= 0"),
@@ -120,6 +122,7 @@ def test_info_errors_are_one_line_exit_2(args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_tune_without_cuda_says_so_and_exits_2():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: tune would measure")

@@ -7,7 +7,7 @@ from instantstyle.kernels import check_close, normalize_inputs, reference_decoup
 from instantstyle.kernels.tiles import ARCHS, all_kernel_configs, kernel_config, mac_count
 from instantstyle.kernels.triton_decoupled import _CONSTANTS, _offsets_on, launch_plan, triton_decoupled_attention
 
-from kernel_cases import make_case
+from helpers.kernel_cases import make_case
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TORCH_NAME = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -45,6 +45,7 @@ def _unique_configs():
     return seen
 
 
+@pytest.mark.slow  # every tile table entry in the interpreter
 @pytest.mark.parametrize("full", [False, True], ids=["plain", "full"])
 @pytest.mark.parametrize("dtype_name, cfg", _unique_configs(), ids=lambda x: x if isinstance(x, str) else x.name)
 def test_every_tile_table_entry_matches_reference(dtype_name, cfg, full):

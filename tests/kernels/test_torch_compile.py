@@ -5,7 +5,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from instantstyle.kernels import decoupled_attention
 
-from kernel_cases import make_case
+from helpers.kernel_cases import make_case
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +38,7 @@ def test_fullgraph_compile_matches_eager_and_scale_changes_do_not_recompile():
     assert any("instantstyle.decoupled_attention" in op for op in graph_ops)
 
 
+@pytest.mark.slow  # inductor codegen
 def test_inductor_compiles_the_op():
     kwargs = make_case(1, 8, 2, 16, 5, (4,), torch.float32)
     fn = torch.compile(lambda q, k, v, ik, iv: decoupled_attention(q, k, v, ik, iv, 0.7) * 2, fullgraph=True)

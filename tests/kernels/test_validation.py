@@ -4,7 +4,7 @@ import torch
 
 from instantstyle.kernels import decoupled_attention
 
-from kernel_cases import make_case
+from helpers.kernel_cases import make_case
 
 
 def _good(**over):

@@ -1,18 +1,13 @@
 """load_ip_adapter on Flux/SD3 pipelines honours image_encoder_folder (next to the adapter, or a
 folder / hub id of its own), checks the encoder family per format, and leaves the model as it
 was when the encoder is missing or wrong; offline, on a hub cache laid out as huggingface_hub's."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "processors"))  # dit_fixtures
+from instantstyle import load_ip_adapter
 
-from dit_fixtures import instantx_flux_state, tiny_flux, xlabs_original_file  # noqa: E402
-from test_hub import _encoder, make_hub_cache, offline_cache  # noqa: E402,F401
-
-from instantstyle import load_ip_adapter  # noqa: E402
+from helpers.dit_fixtures import instantx_flux_state, tiny_flux, xlabs_original_file, xlabs_state
+from helpers.hub_cache import make_hub_cache, save_clip_encoder
 
 
 class _FluxPipe:
@@ -37,9 +32,7 @@ def _siglip(folder):
 
 @pytest.fixture
 def repos(offline_cache, tmp_path):
-    from dit_fixtures import xlabs_state
-
-    _encoder(tmp_path / "clip")
+    save_clip_encoder(tmp_path / "clip")
     _siglip(tmp_path / "siglip")
     xlabs_original_file(xlabs_state(tiny_flux()), tmp_path / "ip_adapter.safetensors")
     torch.save(instantx_flux_state(tiny_flux(), embed_dim=24), tmp_path / "ip-adapter.bin")

@@ -1,48 +1,14 @@
 """loaders.hub: diffusers-style (id or path, subfolder, weight_name) resolution, offline, on a
 hub cache laid out on disk exactly as huggingface_hub writes it (no network)."""
 import os
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "processors"))  # ip_fixtures
-
 from instantstyle.loaders.hub import (HubDownloadError, attach_image_encoder, looks_local, resolve_checkpoints,
                                       resolve_one)
 
-REV = "0123456789abcdef0123456789abcdef01234567"
-
-
-def make_hub_cache(cache, repo_id: str, files: dict) -> str:
-    """``models--owner--name/snapshots/<rev>/...`` + ``refs/main``, as huggingface_hub stores a download."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / REV
-    for rel, src in files.items():
-        dest = snapshot / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(src, bytes):
-            dest.write_bytes(src)
-        elif os.path.isdir(src):
-            shutil.copytree(src, dest)
-        else:
-            shutil.copy(src, dest)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(REV)
-    return str(snapshot)
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants as C
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
-    return cache
+from helpers.hub_cache import make_hub_cache, save_clip_encoder
 
 
 def test_hub_id_with_subfolder_and_weight_name_comes_from_the_offline_cache(offline_cache):
@@ -100,16 +66,8 @@ class _Pipe:
         self.__dict__.update(modules)
 
 
-def _encoder(folder):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=32, patch_size=8,
-                                                   projection_dim=24)).save_pretrained(folder)
-
-
 def test_image_encoder_from_the_hub_subfolder_as_diffusers(offline_cache, tmp_path):
-    _encoder(tmp_path / "enc")
+    save_clip_encoder(tmp_path / "enc")
     make_hub_cache(offline_cache, "h94/IP-Adapter", {"sdxl_models/ip.bin": b"x", "sdxl_models/image_encoder": tmp_path / "enc"})
     pipe = _Pipe()
     assert attach_image_encoder(pipe, "h94/IP-Adapter", "sdxl_models", "image_encoder")
@@ -127,12 +85,12 @@ def test_a_bad_checkpoint_attaches_no_encoder(offline_cache, tmp_path):
     """Everything is checked before the pipeline changes: the encoder comes after the checks."""
     import copy
 
-    from ip_fixtures import random_checkpoint, tiny_unet
+    from helpers.ip_fixtures import random_checkpoint, tiny_unet
     from safetensors.torch import save_file
 
     from instantstyle.loaders import load_ip_adapter
 
-    _encoder(tmp_path / "enc")
+    save_clip_encoder(tmp_path / "enc")
     unet = tiny_unet("sdxl")
     bad = random_checkpoint(unet, seed=1)
     del bad["ip_adapter"]["3.to_k_ip.weight"], bad["ip_adapter"]["3.to_v_ip.weight"]  # one layer short

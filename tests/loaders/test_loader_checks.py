@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.ip_fixtures import CLIP, random_checkpoint, tiny_unet
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from instantstyle.loaders import load_ip_adapter
 from instantstyle.loaders.report import scaled_weight
+
+from helpers.ip_fixtures import CLIP, random_checkpoint, tiny_unet
 
 
 class Pipe:

@@ -6,7 +6,7 @@ swapped in (``INSTANTSTYLE_SWAP=1``) or not (the baseline), offline.
   tokens, below the tests' ``vocab_size=1000``), in both runs alike.
 - ``hf-internal-testing/tiny-random-t5`` (Flux/SD3 tests: ``AutoConfig`` and
   ``AutoTokenizer``) is replaced by the same-shaped config and a local Unigram T5
-  tokenizer (``tests/pipelines/tiny_tokenizers.py``), in both runs alike.
+  tokenizer (``tests/helpers/tiny_tokenizers.py``), in both runs alike.
 - With the swap, every UNet, ControlNet and motion UNet gets the fused processors on its
   cross-attention layers right after construction, and again after diffusers'
   ``load_ip_adapter`` (``use_fused_processors``): the tests then exercise our processors
@@ -37,11 +37,11 @@ def _tokenizer_folder() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _tiny_tokenizers():
-    """tests/pipelines/tiny_tokenizers.py, loaded by path (this plugin's folder is the only
+    """tests/helpers/tiny_tokenizers.py, loaded by path (this plugin's folder is the only
     one on PYTHONPATH)."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines", "tiny_tokenizers.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers", "tiny_tokenizers.py")
     spec = importlib.util.spec_from_file_location("instantstyle_tiny_tokenizers", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -132,7 +132,7 @@ def pytest_configure(config):
 
 def _count_calls() -> None:
     """Proof that the tests ran our processors, not only installed them."""
-    from instantstyle.processors import pipeline
+    from instantstyle.processors.core import engine as pipeline
 
     original = pipeline.attend
 
@@ -141,7 +141,8 @@ def _count_calls() -> None:
         return original(*args, **kwargs)
 
     pipeline.attend = attend
-    from instantstyle.processors import flux, fused_processor, sd3
+    from instantstyle.processors.dit import flux, sd3
+    from instantstyle.processors.unet import fused_processor
 
     fused_processor.attend = attend
     flux.attend = sd3.attend = attend

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from instantstyle.cli import main
@@ -65,6 +66,7 @@ def test_manifest_rules(tmp_path):
     assert "row 0 already writes" in second.error and second.name == "row-1" and not second.writes_files
 
 
+@pytest.mark.slow
 def test_one_process_then_two_processes_same_images_and_a_bad_row_is_not_fatal(tiny_sdxl, tmp_path, capsys):
     rows = ROWS + [{"prompt": "broken", "style": "missing.png", "name": "bad"}, "not json"]
     manifest = _manifest(tiny_sdxl, tmp_path, [r for r in rows if isinstance(r, dict)])
@@ -98,6 +100,7 @@ def test_one_process_then_two_processes_same_images_and_a_bad_row_is_not_fatal(t
     assert "0 written, 4 already complete, 2 failed" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_duplicates_or_partials(tiny_sdxl, tmp_path):
     rows = [{"prompt": f"thing {i}", "style": "style.png"} for i in range(6)]
     manifest, out = _manifest(tiny_sdxl, tmp_path, rows), tmp_path / "out"

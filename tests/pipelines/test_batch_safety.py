@@ -363,6 +363,7 @@ def _manifest(rng, folder, style, victim):
     return path
 
 
+@pytest.mark.slow
 def test_random_manifests_never_escape_never_crash_always_summarise(stub, style, tmp_path, monkeypatch):
     """A seeded random loop (hypothesis is not installed here): 200 manifests of fuzzed names,
     fields and encodings.  --debug makes any exception the CLI would have caught fail the test."""

@@ -7,7 +7,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from instantstyle.pipelines import ContentSubtractionError, InstantStyle, encode_images, encode_text, subtract_content
 
-from conftest import PROJ
+from helpers.sdxl_pipelines import PROJ
 
 
 @pytest.fixture

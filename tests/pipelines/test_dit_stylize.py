@@ -12,7 +12,7 @@ from PIL import Image
 from instantstyle.cli import main
 from instantstyle.pipelines import ContentSubtractionError, InstantStyle
 
-from dit_pipelines import SIGLIP_DIM, XLABS_DIM, tiny_flux_dir, tiny_sd3_dir  # noqa: F401 (fixtures)
+from helpers.dit_pipelines import SIGLIP_DIM, XLABS_DIM
 
 
 def _load(folder, cls_name, sub):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers.stylize import stylize_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +44,7 @@ def test_the_check_can_fail(tmp_path):
 
 
 
+@pytest.mark.slow  # a python subprocess importing transformers
 def test_a_python_shell_at_the_root_imports_the_installed_packages():
     proc = run_at_root("-c", "import transformers.modeling_utils, instantstyle.kernels, instantstyle; "
                              "print(instantstyle.kernels.__file__); print(instantstyle.__file__)")
@@ -50,6 +53,7 @@ def test_a_python_shell_at_the_root_imports_the_installed_packages():
         assert "site-packages" in line or "/src/instantstyle/" in line, line  # installed, or this checkout's src/ when editable
 
 
+@pytest.mark.slow  # a whole pipeline run in a subprocess
 def test_python_m_instantstyle_stylize_at_the_root_loads_a_tiny_pipeline(tiny_sdxl, tmp_path):
     out = tmp_path / "root.png"
     proc = run_at_root("-m", "instantstyle", *stylize_args(tiny_sdxl, out, "--steps", "1"))

@@ -14,7 +14,7 @@ from instantstyle.cli import main
 from instantstyle.pipelines.cli_args import SEED_MAX, check_seed, parse_seed
 from instantstyle.pipelines.errors import UserError
 
-from test_stylize_cli import _args  # noqa: E402  (same folder on sys.path, as the other tests here)
+from helpers.stylize import stylize_args as _args
 
 RANGE = "expected an integer in [0, 18446744073709551615]"
 

@@ -10,20 +10,13 @@ from PIL import Image
 from instantstyle.cli import main
 from instantstyle.pipelines import InstantStyle
 
+from helpers.stylize import stylize_args as _args
+
 def sidecar_of(image):
     return image.parent / (image.name + ".json")
 
 
 STYLE_LAYERS = {f"up_blocks.0.attentions.1.transformer_blocks.{i}.attn2.processor" for i in range(3)}
-
-
-def _args(root, out, *extra):
-    return [
-        "stylize", "--model", str(root / "model"), "--ip-adapter", str(root / "ip-adapter.safetensors"),
-        "--image-encoder", str(root / "image_encoder"), "--style", str(root / "style.png"),
-        "--prompt", "a dog on a bench", "--content-prompt", "a cat", "--steps", "2",
-        "--height", "32", "--width", "32", "--seed", "7", "--out", str(out), *extra,
-    ]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from PIL import Image
 import instantstyle.pipelines.loading as loading
 from instantstyle.cli import main
 
-from test_stylize_cli import _args  # noqa: E402  (same folder on sys.path, pytest rootdir-relative)
+from helpers.stylize import stylize_args as _args
 
 
 def _set(args, flag, value):
@@ -125,14 +125,12 @@ def test_style_aligned_sidecar_has_no_instantstyle_defaults(tiny_sdxl, tmp_path)
     assert settings["keys_scale"] == 1.0
 
 
+@pytest.mark.slow
 def test_stylize_from_a_hub_id_offline(tiny_sdxl, tmp_path):
     """`--ip-adapter h94/IP-Adapter --subfolder sdxl_models --weight-name ...` from a local hub cache
     (HF_HUB_CACHE + HF_HUB_OFFLINE=1), the image encoder found in the repo as diffusers does."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "loaders"))
-    try:
-        from test_hub import make_hub_cache
-    finally:
-        sys.path.pop(0)
+    from helpers.hub_cache import make_hub_cache
+
     cache = tmp_path / "hub"
     make_hub_cache(cache, "h94/IP-Adapter", {"sdxl_models/ip-adapter_sdxl.safetensors": tiny_sdxl / "ip-adapter.safetensors",
                                              "sdxl_models/image_encoder": tiny_sdxl / "image_encoder"})

@@ -20,6 +20,7 @@ from typing import List, Optional
 
 import torch
 
+from ..processors.core import step_cache
 from . import timing
 from .suites import Context, add_speedups, dtype_name, name_matches, short_error
 
@@ -56,7 +57,9 @@ def _modules(device, dtype):
 
 def _batch(module, x, context, sync):
     def run():
-        with torch.no_grad():  # as diffusers' pipelines call the UNet
+        # no_grad, as diffusers' pipelines call the UNet; one run, as the calls of one
+        # denoising run (a bare layer has no model step hook to say so)
+        with torch.no_grad(), step_cache.one_run():
             for _ in range(CALLS_PER_RUN):
                 module(x, encoder_hidden_states=context)
             sync()

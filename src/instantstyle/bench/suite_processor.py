@@ -14,6 +14,10 @@ The DiT cases compare diffusers' ``FluxIPAdapterAttnProcessor`` (XLabs, 16 IP to
 is the layer's plain processor.  The main joint attention (long keys) runs on diffusers'
 path in both, so what differs is the IP branch only.
 
+The Wan cases (``wan_layers``) time one whole Wan 2.1 I2V ``attn2`` call: diffusers'
+``WanAttnProcessor`` (two attention calls, text and image, summed) against ours (one op
+call); their ``no-ip`` row is the layer without its image branch (text keys only).
+
 When the fused processor does not exist yet, its rows say "not available yet".
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import List, Optional
 
 import torch
 
-from . import dit_layers
+from . import dit_layers, wan_layers
 from .suites import (
     Context,
     add_speedups,
@@ -59,7 +63,7 @@ class AttnCase:
     Lt: int = 77
     cross_dim: int = 2048
     ip_tokens: int = 4
-    family: str = "unet"  # "flux" / "sd3": a whole joint-attention layer (dit_layers)
+    family: str = "unet"  # "flux" / "sd3": a whole joint-attention layer (dit_layers); "wan": attn2 (wan_layers)
 
     def describe(self) -> str:
         return f"B={self.B} N={self.N} C={self.channels} H={self.heads} Lt={self.Lt} ip={self.ip_tokens}"
@@ -75,12 +79,22 @@ CASES = [
     # the same layers at 256² (256 image tokens): what --quick times on a CPU in seconds
     AttnCase("flux-double-256", B=1, N=256, channels=3072, heads=24, Lt=512, cross_dim=4096, ip_tokens=16, family="flux"),
     AttnCase("sd35-joint-256", B=2, N=256, channels=2432, heads=38, Lt=333, cross_dim=2432, ip_tokens=64, family="sd3"),
+    # Wan 2.1 I2V 14B attn2, CFG batch 2: 40 heads x 128, 512 text + 257 CLIP image tokens (FLF2V: 514);
+    # queries 21x30x52 = 32,760 at 480x832 / 81 frames, 21x45x80 = 75,600 at 720x1280
+    AttnCase("wan-attn2-480p", B=2, N=32760, channels=5120, heads=40, Lt=512, cross_dim=5120, ip_tokens=257, family="wan"),
+    AttnCase("wan-attn2-720p", B=2, N=75600, channels=5120, heads=40, Lt=512, cross_dim=5120, ip_tokens=257, family="wan"),
+    AttnCase("wan-flf2v-attn2-480p", B=2, N=32760, channels=5120, heads=40, Lt=512, cross_dim=5120, ip_tokens=514, family="wan"),
+    # what --quick times on a CPU: Wan's key lengths and head dim (512 text + 257 image keys, D = 128) with the
+    # layer cut to 4 heads and 780 queries (two 240x416 latent frames), ~0.1 s a call on one core
+    AttnCase("wan-attn2-cpu", B=2, N=780, channels=512, heads=4, Lt=512, cross_dim=512, ip_tokens=257, family="wan"),
 ]
-QUICK_CASES = [CASES[1], CASES[4], CASES[5]]
-GPU_SIZED = [CASES[2], CASES[3]]
+QUICK_CASES = [CASES[1], CASES[4], CASES[5], CASES[9]]
+GPU_SIZED = [CASES[2], CASES[3], CASES[6], CASES[7], CASES[8]]
 
 
 def _inputs(case: AttnCase, dtype, device, seed):
+    if case.family == "wan":
+        return wan_layers.inputs(case, dtype, device, seed)
     if case.family != "unet":
         return dit_layers.inputs(case, dtype, device, seed)
     g = torch.Generator().manual_seed(seed)
@@ -97,6 +111,9 @@ def build_attention(case: AttnCase, dtype, device):
         IPAdapterAttnProcessor2_0,
     )
 
+    if case.family == "wan":
+        attn, procs = wan_layers.build_wan(case, dtype, device, wan_layers.fused_class())
+        return _placed(attn, procs, dtype, device)
     if case.family != "unet":
         build = dit_layers.build_flux if case.family == "flux" else dit_layers.build_sd3
         attn, procs = build(case, dtype, device, dit_layers.fused_classes()[case.family])
@@ -127,6 +144,8 @@ PROVIDERS = ["diffusers", "fused", "no-ip"]
 
 
 def _call(module, inputs, ip: bool):
+    if len(inputs) == 2:  # a Wan attn2 layer: (x, [image ; text] context)
+        return wan_layers.call(module, inputs, ip)
     if len(inputs) == 4:  # a Flux / SD3 layer
         return dit_layers.call(module, inputs, ip)
     x, text, ip_states = inputs
@@ -136,8 +155,8 @@ def _call(module, inputs, ip: bool):
 
 class ProcessorSuite:
     name = "processor"
-    description = ("one attn2 call (SDXL) or joint-attention layer call (Flux, SD3.5), projections included: "
-                   "fused processor vs diffusers' IP processor")
+    description = ("one attn2 call (SDXL, Wan 2.1 I2V) or joint-attention layer call (Flux, SD3.5), projections "
+                   "included: fused processor vs diffusers' IP processor (Wan: its two-call WanAttnProcessor)")
 
     def unavailable(self, ctx: Context) -> Optional[str]:
         return None  # the diffusers rows always run; the fused rows say when they can't

@@ -112,7 +112,10 @@ class _UNetBench:
                       "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * batch,
                                                device=device, dtype=dtype)}
         self.image_embeds = [rand(batch, 1, IMAGE_EMBED_DIM)]
-        self.timestep = torch.tensor(500, device=device)
+        # a denoising run's timesteps fall: entries of one schedule tensor, as a pipeline
+        # passes them (the per-run caches live for one such run, see core/step_cache.py)
+        self.schedule = torch.arange(999, 0, -1, device=device)
+        self.calls = 0
         self.attn2 = [n for n in self.unet.attn_processors if n.endswith("attn2.processor")]
         self.ip_weights = {}  # attn2 name -> state dict shared by both processor kinds
         self.device, self.dtype = device, dtype
@@ -154,6 +157,10 @@ class _UNetBench:
         unet.set_attn_processor(procs)
         unet.encoder_hid_proj = self.ip_proj
         unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
+        if getattr(cls, "instantstyle_pipeline", False):  # as use_fused_processors / load_ip_adapter leave it
+            from ..processors.core.model_state import set_caches
+
+            set_caches(unet, True)
 
     def _load_targeted(self, unet, prefixes: Optional[List[str]]) -> None:
         from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
@@ -172,8 +179,10 @@ class _UNetBench:
         added = dict(self.added, image_embeds=self.image_embeds) if ip else self.added
         # no_grad, as diffusers' pipelines run the UNet (inference_mode tensors carry no
         # version counter, so instantstyle's per-run caches stay off under it)
+        timestep = self.schedule[self.calls % len(self.schedule)]
+        self.calls += 1
         with torch.no_grad():
-            return unet(self.sample, self.timestep, encoder_hidden_states=self.text,
+            return unet(self.sample, timestep, encoder_hidden_states=self.text,
                              added_cond_kwargs=added, return_dict=False)[0]
 
 

@@ -138,6 +138,7 @@ SUITE_CLASSES: Dict[str, str] = {
     "processor": "instantstyle.bench.suite_processor:ProcessorSuite",
     "unet": "instantstyle.bench.suite_unet:UNetSuite",
     "host": "instantstyle.bench.suite_host:HostSuite",
+    "train": "instantstyle.bench.suite_train:TrainSuite",
 }
 
 

@@ -18,8 +18,16 @@ says the kernel is faster there:
   compute-bound, where fusing saves little memory traffic and FA/cuDNN's warp-specialised
   pipelines out-run a generic Triton kernel.  512 keeps 77-231 token prompts with
   4/16/257-token IP streams on the kernel and sends 4096-key self-attention to SDPA.
+  Wan's cross-attention (512 text + 257/514 image keys, D = 128, tens of thousands of
+  queries) is past it: two SDPA calls (text, image) are its plan until a GPU measures
+  the kernel faster there.
 
 ``backend="triton"`` still forces the kernel wherever it can run at all.
+
+Training takes the same route: inputs that require grad go to whichever backend the
+rules above pick, and the op's backward runs on that same backend (the Triton backward
+for the kernel; autograd through SDPA, or :mod:`.backward`'s formulas under
+``torch.compile``, for torch).
 """
 from __future__ import annotations
 
@@ -145,8 +153,8 @@ def triton_reasons(inputs: AttentionInputs, explicit: bool = False, target: Opti
     for name, t in named.items():
         if t.stride(-1) != 1:
             reasons.append(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
-    if _needs_grad(inputs):
-        reasons.append("inputs require grad: the Triton kernel is forward-only (training kernels are future work)")
+    # Inputs that require grad need no reason: the op's autograd formula runs the Triton
+    # backward (kernels/triton_decoupled_bwd.py) for every call the forward takes.
     return reasons[:1] if first_only else reasons
 
 
@@ -166,7 +174,9 @@ def shape_reasons(inputs: AttentionInputs, target: Optional[Target] = None) -> L
     dtype_name = str(inputs.q.dtype).replace("torch.", "")
     for case, applies, what in (
         ("plain", plain, "plain attention (no IP stream, no joint keys): one softmax, nothing to fuse"),
-        ("long", keys > LONG_KEYS, f"{keys} keys > {LONG_KEYS}: compute-bound, where SDPA's flash/cuDNN kernels are faster"),
+        ("long", keys > LONG_KEYS, f"{keys} keys > {LONG_KEYS}: compute-bound, where SDPA's flash/cuDNN kernels are faster "
+         "(the torch backend makes one SDPA call per softmax: text keys, then each IP / image stream; two calls "
+         "for a Wan cross-attention layer, a valid plan for these key lengths until a GPU measures otherwise)"),
     ):
         if not applies:
             continue

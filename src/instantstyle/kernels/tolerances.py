@@ -42,3 +42,41 @@ def check_close(out: torch.Tensor, ref: torch.Tensor, precision: str) -> None:
             f"{precision}: relative L2 error {err:.3g} (limit {tol.rel_l2}), "
             f"worst (|out - ref| - rtol*|ref|) / max(1, rms(ref)) = {worst:.3g} (limit {tol.atol})"
         )
+
+
+#: Gradients against float64 autograd of the reference.  Looser than the forward's: a
+#: gradient sums over queries (dK, dV, biases) or over heads and queries (scales, masks)
+#: with cancellation, and the backward rounds P and dS to the input dtype for its dots,
+#: as FlashAttention does.  ``atol`` is in units of the reference gradient's RMS (a
+#: gradient has no natural scale of 1, unlike the op's output).
+GRAD_TOLERANCES = {
+    "fp64": Tolerance(1e-10, 1e-10, 1e-10),
+    "fp32": Tolerance(3e-5, 2e-4, 1e-4),
+    "tf32": Tolerance(1e-2, 5e-2, 2e-2),
+    "fp16": Tolerance(5e-3, 3e-2, 1e-2),
+    "bf16": Tolerance(4e-2, 2e-1, 8e-2),
+}
+
+
+def check_grad_close(name: str, grad: torch.Tensor, ref: torch.Tensor, precision: str) -> None:
+    """Raise AssertionError naming the gradient if ``grad`` misses ``ref`` (float64) by more than
+    :data:`GRAD_TOLERANCES`.  An all-zero reference (a one-key stream's dK: P is 1 whatever
+    the logits) allows rounding noise up to ``rel_l2`` in absolute terms (unit-scale inputs)."""
+    tol = GRAD_TOLERANCES[precision]
+    if grad is None:
+        raise AssertionError(f"{name}: no gradient")
+    if grad.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(grad.shape)}, expected {tuple(ref.shape)}")
+    g64, r64 = grad.to(torch.float64), ref.to(torch.float64)
+    if not torch.isfinite(g64).all():
+        raise AssertionError(f"{name}: {int((~torch.isfinite(g64)).sum())} non-finite values")
+    rms = float(r64.norm() / max(r64.numel(), 1) ** 0.5)
+    if rms == 0.0:
+        if g64.abs().max() > tol.rel_l2:
+            raise AssertionError(f"{name}: expected zeros, got max |grad| {float(g64.abs().max()):.3g} (limit {tol.rel_l2})")
+        return
+    err = float((g64 - r64).norm() / r64.norm())
+    worst = float(((g64 - r64).abs() - tol.rtol * r64.abs()).max()) / rms
+    if err > tol.rel_l2 or worst > tol.atol:
+        raise AssertionError(f"{name} ({precision}): relative L2 error {err:.3g} (limit {tol.rel_l2}), "
+                             f"worst (|g - ref| - rtol*|ref|) / rms(ref) = {worst:.3g} (limit {tol.atol})")

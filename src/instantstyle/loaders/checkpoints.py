@@ -85,12 +85,13 @@ def image_embed_width(image_proj: dict):
     """``(what the projection reads, its width)``: IP-Adapter's projection reads the image
     encoder's projected ``image_embeds``; Plus and Full-face read its penultimate hidden
     states.  None for FaceID (insightface embeddings, no CLIP encoder involved)."""
-    if "perceiver_resampler.proj_in.weight" in image_proj or "norm.weight" in image_proj:
-        return None
+    # same order as num_image_tokens: base and Full-face also have norm keys, FaceID has no proj.3
     if "proj.weight" in image_proj:
         return "projection_dim", int(image_proj["proj.weight"].shape[1])
-    if "proj.0.weight" in image_proj:
+    if "proj.3.weight" in image_proj:
         return "hidden_size", int(image_proj["proj.0.weight"].shape[1])
+    if "perceiver_resampler.proj_in.weight" in image_proj or "norm.weight" in image_proj:
+        return None
     if "proj_in.weight" in image_proj:
         return "hidden_size", int(image_proj["proj_in.weight"].shape[1])
     return None

@@ -21,7 +21,7 @@ import torch
 
 from ..processors.core import diffusers_compat
 from ..processors.core.gating import StepGate
-from ..processors.core.model_state import ensure_step_hook
+from ..processors.core.model_state import choose_caches, ensure_step_hook
 from ..processors.core.models import transformer_family, unet_of
 from ..processors.targets.registry import registry_of
 from ..processors.targets.sites import ip_key_ids, ip_sites
@@ -34,7 +34,12 @@ from .checkpoints import (
     num_image_tokens,
     read_checkpoint,
 )
-from .report import SavingsReport, adapter_arguments, scaled_weight
+from .report import (
+    SavingsReport,
+    adapter_arguments,
+    check_caches_argument,
+    scaled_weight,
+)
 from .transformer import load_transformer_ip_adapter
 
 
@@ -97,6 +102,7 @@ def load_ip_adapter(
     start_at=0.0,
     end_at=1.0,
     arch: Optional[str] = None,
+    caches: Optional[bool] = None,
     **hub_kwargs,
 ) -> LoadReport:
     """Load one or several IP-Adapters, each into its own target layers only.
@@ -120,6 +126,8 @@ def load_ip_adapter(
         start_at, end_at: active range over the denoising schedule, per adapter or one for
             all (``gating``).
         arch: override architecture detection ("sdxl", "sd15", "sd2").
+        caches: the per-run caches (``instantstyle.set_caches``): None keeps the model's
+            setting (on unless turned off), True/False sets it.
         image_encoder_folder: as diffusers: a pipeline without an image encoder gets
             ``CLIPVisionModelWithProjection`` from this folder (under ``subfolder``; a path
             with ``/`` is relative to the repo root) and a ``CLIPImageProcessor`` as
@@ -138,8 +146,9 @@ def load_ip_adapter(
     if transformer_family(unet_of(model_or_pipeline)) is not None:  # Flux / SD3.5: loaders/transformer.py
         return load_transformer_ip_adapter(model_or_pipeline, checkpoint, target, scale, subfolder=subfolder, weight_name=weight_name,
                                            image_encoder_folder=image_encoder_folder, start_at=start_at, end_at=end_at, arch=arch,
-                                           **hub_kwargs)
+                                           caches=caches, **hub_kwargs)
     unet = unet_of(model_or_pipeline)
+    check_caches_argument(caches)
     checkpoints = resolve_checkpoints(checkpoint, subfolder, weight_name, **hub_kwargs)  # files or state dicts
     if not checkpoints:
         raise ValueError("checkpoint: expected at least one checkpoint, got an empty list")
@@ -153,7 +162,7 @@ def load_ip_adapter(
     check_encoder_width(encoder if encoder is not None else getattr(model_or_pipeline, "image_encoder", None), states)
     if image_encoder_folder is not None:
         attach_encoder(model_or_pipeline, encoder)
-    return _commit(unet, plan)
+    return _commit(unet, plan, caches)
 
 
 @dataclass
@@ -176,13 +185,17 @@ def _plan(unet, states, targets, scales, gates, arch) -> _Plan:
     registry = registry_of(unet, arch)
     weights = [registry.resolve(t, "cross") for t in targets]
     expected_ids = sorted(key_ids.values())
-    for state, source in states:
+    for (state, source), chosen, t in zip(states, weights, targets):
         found = layer_ids(state)
-        if found != expected_ids:
+        # every layer, or a targets-only checkpoint (``instantstyle train-adapter``'s
+        # ip_adapter.safetensors) that holds every layer its target needs
+        missing = sorted({key_ids[name] for name in chosen} - set(found))
+        if found != expected_ids and (not set(found) <= set(expected_ids) or missing):
+            needs = f"; target {t!r} needs ids {missing[:3]}{'...' if len(missing) > 3 else ''} too" if missing else ""
             raise ValueError(
                 f"{source}: holds {len(found)} IP layers (ids {found[:1]}..{found[-1:]}), this UNet has "
-                f"{len(expected_ids)} cross-attention layers (ids 1..{expected_ids[-1] if expected_ids else '-'}); "
-                "is the checkpoint for another architecture (SD1.5 vs SDXL)?"
+                f"{len(expected_ids)} cross-attention layers (ids 1..{expected_ids[-1] if expected_ids else '-'}){needs}; "
+                "is the checkpoint for another architecture (SD1.5 vs SDXL), or a targets-only one trained for another target?"
             )
     gates = [None if g.always_open else g for g in gates]
     tokens = [num_image_tokens(state["image_proj"]) for state, _ in states]
@@ -229,7 +242,7 @@ def _plan(unet, states, targets, scales, gates, arch) -> _Plan:
     return _Plan(procs, old, projections, gates, report, registry, labels)
 
 
-def _commit(unet, plan: _Plan) -> LoadReport:
+def _commit(unet, plan: _Plan, caches: Optional[bool]) -> LoadReport:
     # As diffusers: keep Kolors' text projection, and drop the old image projection
     # before setting processors (IP-Adapter Plus' projection has processors of its own).
     if unet.encoder_hid_proj is not None and unet.config.encoder_hid_dim_type == "text_proj" and not hasattr(unet, "text_encoder_hid_proj"):
@@ -242,6 +255,7 @@ def _commit(unet, plan: _Plan) -> LoadReport:
     unet.config.encoder_hid_dim_type = "ip_image_proj"
     if any(g is not None for g in plan.gates):
         ensure_step_hook(unet)
+    choose_caches(unet, caches)
     registry = plan.registry
     registry.labels = {name: info for name, info in registry.labels.items() if not name.startswith("ip_adapter[")}
     registry.labels.update(plan.labels)

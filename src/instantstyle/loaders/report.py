@@ -45,3 +45,8 @@ def scaled_weight(scale, weight):
     if isinstance(weight, list):
         return [scale * w for w in weight]
     return scale * weight
+
+
+def check_caches_argument(caches) -> None:
+    if caches is not None and not isinstance(caches, bool):
+        raise TypeError(f"caches: expected None, True or False, got {type(caches).__name__}")

@@ -14,12 +14,12 @@ from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
 from ..processors.core import diffusers_compat
 from ..processors.core.gating import StepGate
-from ..processors.core.model_state import ensure_step_hook
+from ..processors.core.model_state import choose_caches, ensure_step_hook
 from ..processors.core.models import transformer_family, unet_of
 from ..processors.targets.registry import registry_of
 from ..processors.targets.sites import attention_sites
 from . import flux, sd3
-from .report import SavingsReport, adapter_arguments
+from .report import SavingsReport, adapter_arguments, check_caches_argument
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _restrict(weights: dict, capable: set, target, fmt: str, source: str) -> dic
 
 def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", scale=1.0, *, subfolder=None, weight_name=None,
                                 image_encoder_folder: Optional[str] = "image_encoder", start_at=0.0, end_at=1.0,
-                                arch: Optional[str] = None, **hub_kwargs) -> TransformerLoadReport:
+                                arch: Optional[str] = None, caches: Optional[bool] = None, **hub_kwargs) -> TransformerLoadReport:
     """See :func:`instantstyle.loaders.load_ip_adapter`; for Flux and SD3 transformers.
     A pipeline without an image encoder gets one from ``image_encoder_folder``
     (:func:`~instantstyle.loaders.hub.find_dit_image_encoder`: next to the adapter, or a
@@ -72,6 +72,7 @@ def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", sca
 
     model = unet_of(model_or_pipeline)
     family = transformer_family(model)
+    check_caches_argument(caches)
     checkpoints = resolve_checkpoints(checkpoint, subfolder, weight_name, **hub_kwargs)
     if not checkpoints:
         raise ValueError("checkpoint: expected at least one checkpoint, got an empty list")
@@ -123,6 +124,7 @@ def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", sca
         model.config.encoder_hid_dim_type = "ip_image_proj"
         if any(g is not None for g in gates):
             ensure_step_hook(model)
+    choose_caches(model, caches)
     registry.labels = {k: v for k, v in registry.labels.items() if not k.startswith("ip_adapter[")}
     for a, (t, (_, src)) in enumerate(zip(targets, states)):
         registry.labels[f"ip_adapter[{a}]"] = {"target": t, "source": src, "format": fmt}

@@ -25,6 +25,12 @@ _EXPORTS = {
     "FusedSD3IPAdapterJointAttnProcessor": ".dit.sd3",
     "FusedSD3JointAttnProcessor": ".dit.sd3",
     "use_fused_processors": ".conversion",
+    "FusedWanAttnProcessor": ".wan.processor",
+    "FusedSkyReelsV2AttnProcessor": ".wan.processor",
+    "FusedChronoEditAttnProcessor": ".wan.processor",
+    "FusedWanAnimateAttnProcessor": ".wan.processor",
+    "set_image_scale": ".wan.image_scale",
+    "image_scales": ".wan.image_scale",
     "InjectionRegistry": ".targets.registry",
     "registry_of": ".targets.registry",
     "pattern_matches": ".targets.registry",
@@ -39,6 +45,8 @@ _EXPORTS = {
     "ip_sites": ".targets.sites",
     "ip_key_ids": ".targets.sites",
     "Contributor": ".core.contributors",
+    "clear_caches": ".core.model_state",
+    "set_caches": ".core.model_state",
 }
 
 __all__ = list(_EXPORTS)

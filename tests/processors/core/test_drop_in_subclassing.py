@@ -45,13 +45,19 @@ CROSS = {FusedIPAdapterAttnProcessor, FusedAttnProcessor, FusedFluxIPAdapterAttn
          FusedFluxInstantXAttnProcessor, FusedSD3IPAdapterJointAttnProcessor}
 
 
+#: one bare subclass per class, at module level so that pickle finds it by name
+BARE = {}
+for _parent in CLASSES:
+    BARE[_parent] = globals()[f"Mine{_parent.__name__}"] = type(f"Mine{_parent.__name__}", (_parent,), {"__module__": __name__})
+
+
 def bound_parameters(cls) -> list:
     return list(inspect.signature(cls.__call__).parameters)[1:]
 
 
 @pytest.mark.parametrize("parent", list(CLASSES), ids=lambda c: c.__name__)
 def test_a_bare_subclass_constructs_and_keeps_the_signature(parent):
-    sub = type("Mine", (parent,), {})
+    sub = BARE[parent]
     proc = sub(*CLASSES[parent])
     assert runs_pipeline(proc)
     assert list(inspect.signature(proc.__call__).parameters) == bound_parameters(parent)

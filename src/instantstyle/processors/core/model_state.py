@@ -15,6 +15,11 @@ are attached.
   with what the layers hold and drops any contributor that lost a layer to a processor
   reset (``set_default_attn_processor``, ``set_attn_processor``, ``unload_ip_adapter``),
   calling its ``on_detach`` so nothing stays half-applied.
+- The hook also scopes the per-run caches (``step_cache``): it decides whether a call
+  continues the current denoising run (:func:`same_run`) and makes the model's run
+  active while the model runs (a post-forward hook, called even when forward raises,
+  ends it).  :func:`set_caches` turns caching on or off per model, :func:`clear_caches`
+  starts a new run and empties every cache of the model.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .models import attention_modules
+from . import step_cache
+from .models import attention_modules, unet_of
+from .step_cache import Run
 
 _STATE = "_instantstyle_state"
 _ATTACHED = "_instantstyle_attached"
@@ -45,6 +52,9 @@ class ModelState:
     last_timestep: Optional[float] = None  # host copy, only where reading it is free
     attached: Dict[str, Tuple[object, List[str]]] = field(default_factory=dict)  # name -> (contributor, sites)
     modules: Dict[str, object] = field(default_factory=dict)  # site -> Attention module (cached)
+    caches: Optional[bool] = None  # set_caches: True on, False off, None never set (off; no hook needed)
+    run: Run = field(default_factory=Run)  # the denoising run the caches belong to
+    run_mark: object = None  # where the last call's timestep sat (same_run)
 
 
 def state_of(model, create: bool = True) -> Optional[ModelState]:
@@ -100,25 +110,67 @@ def _gates(model, state: ModelState) -> list:
     return [g for g in gates if not g.always_open]
 
 
+def run_mark(timestep, now: Optional[float]):
+    """Where a call's timestep sits in its schedule, read without a device sync: its value
+    where that is free (``now``: a number or a CPU tensor), else, for a view of a
+    schedule tensor on the device (a pipeline's ``t`` from ``scheduler.timesteps``, or
+    ``t.expand(...)``), that tensor and the offset into it; None when neither is known."""
+    if now is not None:
+        return now
+    if isinstance(timestep, torch.Tensor) and timestep._base is not None:
+        return timestep._base, timestep.storage_offset()
+    return None
+
+
+def same_run(previous, mark) -> bool:
+    """Whether a call at ``mark`` continues the run of the call at ``previous``: its
+    timestep strictly falls (a later entry of the same schedule tensor, where the value
+    can't be read for free).  The same or a rising timestep starts a new run, so a
+    direct call repeated with the same inputs never reads caches of the previous one;
+    unknown timesteps too (a missed continuation only costs the reuse)."""
+    if previous is None or mark is None:
+        return False
+    if isinstance(mark, float):
+        return isinstance(previous, float) and mark < previous
+    # ``previous`` holds its schedule tensor, so a new tensor can't take its identity
+    return isinstance(previous, tuple) and mark[0] is previous[0] and mark[1] > previous[1]
+
+
+def _track_run(state: ModelState, timestep, now: Optional[float]) -> None:
+    mark = run_mark(timestep, now)
+    if not same_run(state.run_mark, mark):
+        state.run = Run()
+    state.run_mark = mark
+
+
+def _cache_run(state: ModelState):
+    """The run this call's caches read and fill: none where caching is off."""
+    if not state.caches:  # off, or never turned on
+        return None if state.caches is False else step_cache.pinned_run()
+    return step_cache.pinned_run() or state.run
+
+
 def _step_hook(model, args, kwargs):
     state = model.__dict__.get(_STATE)
     if state is None:
         return
     reconcile(model)
     gates = _gates(model, state)
-    if not gates and not state.attached:
+    if not gates and not state.attached and state.caches is None:
         _remove_hook(model)  # nothing left that needs the step
         del model.__dict__[_STATE]
         return
     sample = kwargs.get("sample", args[0] if args else None)
     timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     observing = any(5 in getattr(c, "kinds", ()) for c, _ in state.attached.values())
-    if not torch.compiler.is_compiling():  # a Python counter would be guarded on: eager bookkeeping only
+    eager = not torch.compiler.is_compiling()
+    if eager:  # a Python counter would be guarded on: eager bookkeeping only
         now = _host_value(timestep, need=observing)
         # timesteps fall during a run: one that rises starts a new run
         new_run = now is not None and state.last_timestep is not None and now > state.last_timestep
         state.step = 0 if new_run else state.step + 1
         state.last_timestep = now
+        _track_run(state, timestep, now)
     state.sample_size = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) and sample.ndim == 4 else None
     text = kwargs.get("encoder_hidden_states")
     state.text_len = text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else None
@@ -128,11 +180,21 @@ def _step_hook(model, args, kwargs):
             gate.update(timestep)
     for contributor, _ in state.attached.values():
         contributor.on_step(state.step, state.timestep)
+    if eager:  # last: nothing after it can raise before forward (whose end _end_hook is)
+        step_cache.enter(id(model), _cache_run(state))
+
+
+def _end_hook(model, args, kwargs, output):
+    if not torch.compiler.is_compiling():
+        step_cache.leave(id(model))
 
 
 def _ensure_hook(model) -> None:
     if not any(hook is _step_hook for hook in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_step_hook, with_kwargs=True)
+    if not any(hook is _end_hook for hook in model._forward_hooks.values()):
+        # always_call: the run is ended even when forward raises
+        model.register_forward_hook(_end_hook, with_kwargs=True, always_call=True)
 
 
 def _remove_hook(model) -> None:
@@ -141,6 +203,10 @@ def _remove_hook(model) -> None:
     for key in [k for k, hook in model._forward_pre_hooks.items() if hook is _step_hook]:
         del model._forward_pre_hooks[key]
         model._forward_pre_hooks_with_kwargs.pop(key, None)
+    for key in [k for k, hook in model._forward_hooks.items() if hook is _end_hook]:
+        del model._forward_hooks[key]
+        model._forward_hooks_with_kwargs.pop(key, None)
+        model._forward_hooks_always_called.pop(key, None)
 
 
 def ensure_step_hook(model) -> None:
@@ -150,10 +216,62 @@ def ensure_step_hook(model) -> None:
 
 def reset_steps(model) -> None:
     """Restart the step count at 0 for the next UNet call (a new run is also detected
-    by itself, from a rising timestep)."""
+    by itself, from a rising timestep); the next call also starts a new cache run."""
     state = state_of(model, create=False)
     if state is not None:
         state.step, state.last_timestep = -1, None
+        state.run, state.run_mark = Run(), None
+
+
+# -- per-run caches ----------------------------------------------------------------------
+def clear_caches(model_or_pipeline) -> None:
+    """Empty every per-run cache of a model (or a pipeline's denoiser) and start a new
+    run.  Needed after an edit through ``.data`` or a numpy view *inside* a run (e.g. in
+    ``callback_on_step_end``): no cheap check sees those (``step_cache``).  Between runs,
+    and for autograd-visible edits (in-place ops, ``copy_``, ``load_state_dict``),
+    nothing is needed."""
+    model = unet_of(model_or_pipeline)
+    for module in model.modules():
+        step_cache.clear_owned(module)
+    state = state_of(model, create=False)
+    if state is not None:
+        state.run, state.run_mark = Run(), None
+
+
+def set_caches(model_or_pipeline, enabled: bool = True) -> None:
+    """Turn the per-run caches of a model (or a pipeline's denoiser) on or off.
+
+    On, the image projection and each layer's text and IP key/value projections are
+    computed once per denoising run while their inputs are unchanged; off, every call
+    computes everything (as diffusers does).  Either way the caches are emptied.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected True or False, got {type(enabled).__name__}")
+    model = unet_of(model_or_pipeline)
+    state_of(model, create=True).caches = enabled
+    clear_caches(model)
+
+
+def default_caches(model_or_pipeline) -> None:
+    """Turn the caches on unless ``set_caches(model, False)`` turned them off (for the
+    loaders and converters: loading again keeps a user's choice)."""
+    model = unet_of(model_or_pipeline)
+    state = state_of(model, create=True)
+    if state.caches is None:
+        state.caches = True
+
+
+def choose_caches(model_or_pipeline, caches: Optional[bool]) -> None:
+    """A loader's ``caches`` argument: None keeps the user's choice (on by default), a bool sets it."""
+    if caches is None:
+        default_caches(model_or_pipeline)
+    else:
+        set_caches(model_or_pipeline, caches)
+
+
+def caches_enabled(model_or_pipeline) -> bool:
+    state = state_of(unet_of(model_or_pipeline), create=False)
+    return bool(state is not None and state.caches)
 
 
 # -- contributors by name ----------------------------------------------------------------

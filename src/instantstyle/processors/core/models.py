@@ -6,11 +6,14 @@ from __future__ import annotations
 from typing import Optional
 
 #: diffusers' transformer classes with known sites, by class name (no import needed)
-TRANSFORMER_FAMILIES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+TRANSFORMER_FAMILIES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
+                        # the Wan family: natively decoupled cross-attention (processors/wan)
+                        "WanTransformer3DModel": "wan", "SkyReelsV2Transformer3DModel": "wan",
+                        "ChronoEditTransformer3DModel": "wan", "WanAnimateTransformer3DModel": "wan"}
 
 
 def transformer_family(model) -> Optional[str]:
-    """``"flux"``, ``"sd3"`` or None (a UNet or anything else), from the model's class."""
+    """``"flux"``, ``"sd3"``, ``"wan"`` or None (a UNet or anything else), from the model's class."""
     for cls in type(model).__mro__:
         if cls.__name__ in TRANSFORMER_FAMILIES:
             return TRANSFORMER_FAMILIES[cls.__name__]

@@ -12,7 +12,7 @@ from diffusers.models.transformers.transformer_flux import (
     FluxIPAdapterAttnProcessor,
 )
 
-from ..core.model_state import runs_pipeline
+from ..core.model_state import default_caches, runs_pipeline
 from .flux import FusedFluxAttnProcessor, FusedFluxIPAdapterAttnProcessor
 from .sd3 import FusedSD3IPAdapterJointAttnProcessor, FusedSD3JointAttnProcessor
 
@@ -50,6 +50,7 @@ def use_fused_transformer(model) -> dict:
             new[name], replaced[name] = fused, proc
     if replaced:
         model.set_attn_processor(new)
+    default_caches(model)  # the per-run caches (core/step_cache.py), unless turned off
     return replaced
 
 

@@ -88,13 +88,36 @@ SD35_CONFIG = dict(
     qk_norm="rms_norm",
 )
 
-CONFIGS = {"sdxl": SDXL_CONFIG, "sd15": SD15_CONFIG, "sd2": SD2_CONFIG, "flux": FLUX_CONFIG, "sd3": SD35_CONFIG}
+#: Wan 2.1 I2V 14B (480p and 720p share it), as diffusers' scripts/convert_wan_to_diffusers.py
+#: ("Wan-I2V-14B-480p") writes it: 40 blocks, 40 heads x 128, image branch added_kv_proj_dim 5120
+#: (CLIP ViT-H 1280 -> 5120 by the image embedder).  FLF2V adds pos_embed_seq_len=514.
+WAN_I2V_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=36,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=1280,
+    added_kv_proj_dim=5120,
+)
+
+CONFIGS = {"sdxl": SDXL_CONFIG, "sd15": SD15_CONFIG, "sd2": SD2_CONFIG, "flux": FLUX_CONFIG, "sd3": SD35_CONFIG,
+           "wan": WAN_I2V_CONFIG}
 TRANSFORMER_ARCHS = ("flux", "sd3")
 
 #: Joint-sequence lengths at the default resolution (1024 px): image tokens, text tokens.
 #: Flux: 128x128 latent, 2x2 packing -> 4096 image tokens; 512 T5 tokens.  SD3.5: 128x128
 #: latent, patch 2 -> 4096; 77 CLIP + 256 T5 = 333 text tokens.
-DEFAULT_TOKENS = {"flux": (4096, 512), "sd3": (4096, 333)}
+#: Wan (not joint): every layer's queries are the video tokens, 480x832 at 81 frames ->
+#: 21 x 30 x 52 = 32,760; its 512 text and 257 image tokens are keys only, hence 0 here.
+DEFAULT_TOKENS = {"flux": (4096, 512), "sd3": (4096, 333), "wan": (32760, 0)}
 
 #: Which down blocks have cross-attention, per architecture family.
 _SIGNATURES = {
@@ -108,9 +131,11 @@ def _has_attention(block_types) -> tuple:
 
 
 def detect_arch(config) -> Optional[str]:
-    """``"sdxl"``, ``"sd15"``, ``"sd2"``, ``"flux"``, ``"sd3"`` or None (unknown), from a
-    UNet or transformer config (dict-like)."""
+    """``"sdxl"``, ``"sd15"``, ``"sd2"``, ``"flux"``, ``"sd3"``, ``"wan"`` or None (unknown),
+    from a UNet or transformer config (dict-like)."""
     get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    if get("cross_attn_norm") is not None and get("ffn_dim") is not None and get("text_dim") is not None:
+        return "wan"  # Wan 2.1 / SkyReels-V2 / ChronoEdit / Wan-Animate: blocks.N.attn1 + attn2
     if get("num_single_layers") is not None:
         return "flux"
     if get("caption_projection_dim") is not None and get("joint_attention_dim") is not None:
@@ -130,8 +155,8 @@ def preset_family(arch: Optional[str]) -> Optional[str]:
 
 
 def build_meta_unet(arch: str):
-    """The full-size UNet (or transformer, for ``flux``/``sd3``) of ``arch`` on the meta
-    device: structure only, no memory, no download."""
+    """The full-size UNet (or transformer, for ``flux``/``sd3``/``wan``) of ``arch`` on the
+    meta device: structure only, no memory, no download."""
     import torch
 
     if arch not in CONFIGS:
@@ -140,6 +165,8 @@ def build_meta_unet(arch: str):
         from diffusers import FluxTransformer2DModel as cls
     elif arch == "sd3":
         from diffusers import SD3Transformer2DModel as cls
+    elif arch == "wan":
+        from diffusers import WanTransformer3DModel as cls
     else:
         from diffusers import UNet2DConditionModel as cls
     with torch.device("meta"):

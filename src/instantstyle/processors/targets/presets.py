@@ -8,6 +8,12 @@ Other editing methods add their own presets with :func:`register_preset`.
 Transformers (DiT): Flux ``double`` = the 19 double-stream ``transformer_blocks``,
 ``single`` = the 38 ``single_transformer_blocks``; SD3 has joint blocks only, so
 ``all`` is its one preset (no published block analysis to cite for SD3.5 yet).
+
+Wan family (Wan 2.1 I2V/FLF2V, SkyReels-V2, ChronoEdit, Wan-Animate): ``all`` only.  No
+publication or measurement we can cite yet says which blocks' image branch carries
+appearance vs layout, so there are no early/late presets; per-block control goes through
+patterns (``"blocks.3"``, ``"blocks.1*"``), ``{"blocks": {i: w}}`` dicts, or
+``set_image_scale``'s per-block list/dict.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ PRESETS: Dict[str, Dict[str, Tuple[str, ...]]] = {
         "style": tuple(f"single_transformer_blocks.{i}" for i in range(10, 38)),
     },
     "sd3": {"all": ALL, "joint": ("transformer_blocks",)},
+    "wan": {"all": ALL},  # no cited block analysis yet: see the module doc
     None: {"all": ALL},  # unknown architectures: "all" plus explicit patterns
 }
 

@@ -10,6 +10,10 @@ Flux's double-stream ``transformer_blocks.N``, SD3's joint blocks) or ``"single"
 (Flux's ``single_transformer_blocks.N``: one stream over [text ; image]).  Every DiT
 layer can hold IP weights (``takes_ip``); which ones a checkpoint fills is the
 loader's business (XLabs Flux: double-stream only).
+
+The Wan family (Wan 2.1 I2V/FLF2V, SkyReels-V2, ChronoEdit, Wan-Animate) has separate
+self- and cross-attention per block, as a UNet: ``blocks.N.attn1`` is ``"self"``,
+``blocks.N.attn2`` ``"cross"`` (its image branch is the one IP-like input).
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ..core.models import attention_modules, transformer_family
+
+#: transformer families whose layers are self-/cross-attention (as a UNet's), not joint
+CROSS_ATTENTION_FAMILIES = ("wan",)
 
 #: attn_processors keys under these prefixes are not UNet attention layers
 #: (IP-Adapter Plus' and SD3 IP-Adapters' image projections have Attention modules of their own).
@@ -64,7 +71,8 @@ def _dit_kind(module) -> str:
 
 def attention_sites(unet) -> List[AttentionSite]:
     modules = attention_modules(unet)
-    dit = transformer_family(unet) is not None
+    family = transformer_family(unet)
+    dit = family is not None and family not in CROSS_ATTENTION_FAMILIES
     sites = []
     for name in unet.attn_processors:
         if name.startswith(_FOREIGN_PREFIXES):

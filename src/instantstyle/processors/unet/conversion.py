@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import (
 )
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-from ..core.model_state import runs_pipeline
+from ..core.model_state import default_caches, runs_pipeline
 from ..targets.sites import ip_sites
 from .fused_processor import FusedAttnProcessor, FusedIPAdapterAttnProcessor
 from .image_projection import CachedImageProjection
@@ -65,4 +65,5 @@ def use_fused_unet(unet) -> dict:
     if type(getattr(unet, "encoder_hid_proj", None)) is MultiIPAdapterImageProjection:
         # same layers, projected once per run instead of once per step (``step_cache``)
         unet.encoder_hid_proj = CachedImageProjection.wrapping(unet.encoder_hid_proj)
+    default_caches(unet)  # the per-run caches (core/step_cache.py), unless turned off
     return replaced

@@ -1,7 +1,9 @@
 """diffusers' ``MultiIPAdapterImageProjection`` that projects the image embeddings once
-per run instead of once per step (see ``step_cache``): same modules, same weights,
-same outputs, and the same output tensors while the inputs are unchanged, which also
-lets every layer reuse its IP key/value projections."""
+per denoising run instead of once per step (see ``step_cache``): same modules, same
+weights, same outputs, and the same output tensors while the run lasts and the inputs
+are unchanged, which also lets every layer reuse its IP key/value projections.  Outside
+a run (a model without ``set_caches(model, True)``, or called on its own) it projects
+every call."""
 from __future__ import annotations
 
 from diffusers.models.embeddings import MultiIPAdapterImageProjection

@@ -20,10 +20,11 @@ from ..core.step_cache import StepCache
 
 def _text_kv(attn, text_states: torch.Tensor, cache: Optional[StepCache]):
     """Cross-attention keys and values of the text.  A pipeline passes the same prompt
-    embeddings at every step, so while they and the projections are unchanged the last
-    result is reused (``cache``, the processor's: see ``step_cache``): two projections less
-    per layer and step.  Only for bare projections without norm_cross, whose output
-    depends on nothing else."""
+    embeddings at every step, so within one denoising run, while they and the projections
+    are unchanged, the last result is reused (``cache``, the processor's: see
+    ``step_cache``, which also keys on the run, device and autocast state): two
+    projections less per layer and step.  Only for bare projections without norm_cross,
+    whose output depends on nothing else."""
     def project():
         return linear(attn.to_k, text_states), linear(attn.to_v, text_states)
 
