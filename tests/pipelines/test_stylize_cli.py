@@ -106,7 +106,9 @@ def test_adapter_encoder_mismatch_is_explained(tiny_sdxl, tmp_path, capsys):
     args[args.index("--image-encoder") + 1] = str(other)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "40-d but the text embeddings are 24-d" in err and "Traceback" not in err
+    # refused at load time, before anything generates: the encoder's width against the adapter's projection
+    assert "image_encoder:" in err and "projection_dim=40" in err and "projection_dim=24" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()[-1]) > 0 and "instantstyle: error:" in err
 
 
 def test_help_has_an_example(capsys):

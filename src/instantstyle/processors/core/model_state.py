@@ -150,14 +150,20 @@ def _cache_run(state: ModelState):
     return step_cache.pinned_run() or state.run
 
 
+def _runs_ours(state: ModelState) -> bool:
+    """Whether any layer still runs one of our processors (after ``unload_ip_adapter`` or
+    ``set_default_attn_processor`` none does, and the per-run caches have nothing to serve)."""
+    return any(runs_pipeline(getattr(m, "processor", None)) for m in state.modules.values())
+
+
 def _step_hook(model, args, kwargs):
     state = model.__dict__.get(_STATE)
     if state is None:
         return
     reconcile(model)
     gates = _gates(model, state)
-    if not gates and not state.attached and state.caches is None:
-        _remove_hook(model)  # nothing left that needs the step
+    if not gates and not state.attached and (state.caches is None or not _runs_ours(state)):
+        _remove_hook(model)  # nothing left that needs the step (caches live on our processors only)
         del model.__dict__[_STATE]
         return
     sample = kwargs.get("sample", args[0] if args else None)
