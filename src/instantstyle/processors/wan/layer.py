@@ -64,33 +64,28 @@ def _cached(cache: Optional[StepCache], context, projections, norm, project):
     return cache.get(tuple(key), project)
 
 
-def text_kv(attn, context: torch.Tensor, text: torch.Tensor, cache: Optional[StepCache] = None):
-    """``(norm_k(to_k(text)), to_v(text))``, ``(B, Lt, H*D)`` each."""
+def _kv(attn, context, states, fused_name: str, k_name: str, v_name: str, norm_name: str, cache):
+    """``(norm(k_proj(states)), v_proj(states))`` with the layer's own projection names,
+    fused (one ``*_kv`` Linear, diffusers' ``fuse_projections``) or not."""
     fused = getattr(attn, "fused_projections", False)
+    mods = (getattr(attn, fused_name),) if fused else (getattr(attn, k_name), getattr(attn, v_name))
+    norm = getattr(attn, norm_name)
 
     def project():
-        if fused:
-            k, v = linear(attn.to_kv, text).chunk(2, dim=-1)
-        else:
-            k, v = linear(attn.to_k, text), linear(attn.to_v, text)
-        return attn.norm_k(k), v
+        k, v = linear(mods[0], states).chunk(2, dim=-1) if fused else (linear(mods[0], states), linear(mods[1], states))
+        return norm(k), v
 
-    return _cached(cache, context, (attn.to_kv,) if fused else (attn.to_k, attn.to_v), attn.norm_k, project)
+    return _cached(cache, context, mods, norm, project)
+
+
+def text_kv(attn, context: torch.Tensor, text: torch.Tensor, cache: Optional[StepCache] = None):
+    """``(norm_k(to_k(text)), to_v(text))``, ``(B, Lt, H*D)`` each."""
+    return _kv(attn, context, text, "to_kv", "to_k", "to_v", "norm_k", cache)
 
 
 def image_kv(attn, context: torch.Tensor, image: torch.Tensor, cache: Optional[StepCache] = None):
     """``(norm_added_k(add_k_proj(img)), add_v_proj(img))``, ``(B, Li, H*D)`` each."""
-    fused = getattr(attn, "fused_projections", False)
-
-    def project():
-        if fused:
-            k, v = linear(attn.to_added_kv, image).chunk(2, dim=-1)
-        else:
-            k, v = linear(attn.add_k_proj, image), linear(attn.add_v_proj, image)
-        return attn.norm_added_k(k), v
-
-    mods = (attn.to_added_kv,) if fused else (attn.add_k_proj, attn.add_v_proj)
-    return _cached(cache, context, mods, attn.norm_added_k, project)
+    return _kv(attn, context, image, "to_added_kv", "add_k_proj", "add_v_proj", "norm_added_k", cache)
 
 
 def heads(t: torch.Tensor, n: int) -> torch.Tensor:
