@@ -4,9 +4,9 @@ every subclass a user writes (``class Mine(FusedIPAdapterAttnProcessor): ...``).
 - **A precomputed call signature.**  diffusers' ``Attention.forward`` (and Flux's and
   SD3's) runs ``inspect.signature(processor.__call__)`` on every call to drop unknown
   keyword arguments; for a bound method that builds two Signature objects, ~20 us of
-  Python per layer call.  :meth:`DropInProcessor.sign_call` puts a :class:`SignedCall`
-  in the instance's ``__dict__``, which attribute lookup finds before the class's
-  method, and which answers ``inspect.signature`` at once.  ``processor(...)`` itself
+  Python per layer call.  Every instance gets a :class:`SignedCall` in its ``__dict__``
+  when it is created (``__new__``, so no constructor has to remember it), which attribute
+  lookup finds before the class's method, and which answers ``inspect.signature`` at once.  ``processor(...)`` itself
   never goes through it (Python looks ``__call__`` up on the type).
 - **Exact-class checks.**  ``set_default_attn_processor`` accepts only processors whose
   class is *exactly* in ``CROSS_ATTENTION_PROCESSORS``; every subclass of a class that
@@ -58,6 +58,10 @@ class DropInProcessor:
         if cls.counts_as_cross_attention:
             diffusers_compat.register_processor_classes(cls)
 
-    def sign_call(self) -> None:
-        """Call at the end of ``__init__`` (``__dict__`` directly: ``nn.Module.__setattr__`` is slow)."""
+    def __new__(cls, *args, **kwargs):
+        # before any __init__ (ours, diffusers', a user's), and for copies and unpickling too
+        # (they create with __new__, then restore __dict__, whose SignedCall points at the copy);
+        # __dict__ directly: nn.Module.__setattr__ is slow and not ready yet
+        self = super().__new__(cls)
         self.__dict__["__call__"] = SignedCall(self)
+        return self

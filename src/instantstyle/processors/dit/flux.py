@@ -156,7 +156,6 @@ class FusedFluxIPAdapterAttnProcessor(DropInProcessor, IPAdapterStreams, FluxIPA
         FluxIPAdapterAttnProcessor.__init__(self, hidden_size, cross_attention_dim, [num_tokens[a] for a in ids], 1.0, device, dtype)
         self.init_streams(ids, num_tokens, scale)
         self.fallback_reason = None
-        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  ip_hidden_states=None, ip_adapter_masks=None):
@@ -209,7 +208,6 @@ class FusedFluxInstantXAttnProcessor(DropInProcessor, InstantXStreams, FluxIPAda
         self.norm_added_v = RMSNorm(head_dim, eps=1e-5, elementwise_affine=False)
         self.init_streams(ids, num_tokens, scale)
         self.fallback_reason = None
-        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  ip_hidden_states=None, ip_adapter_masks=None):
@@ -231,7 +229,6 @@ class FusedFluxAttnProcessor(DropInProcessor, FluxAttnProcessor):
     def __init__(self):
         super().__init__()
         self.fallback_reason = None
-        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         out, text_len, _ = joint_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)

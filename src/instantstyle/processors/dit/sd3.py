@@ -95,7 +95,6 @@ class FusedSD3IPAdapterJointAttnProcessor(DropInProcessor, Contributor, SD3IPAda
         Contributor.__init__(self)
         SD3IPAdapterJointAttnProcessor2_0.__init__(self, hidden_size, ip_hidden_states_dim, head_dim, timesteps_emb_dim, scale)
         self.fallback_reason = None
-        self.sign_call()
 
     def joint_kv(self, call: AttentionCall):
         ip_hidden_states, temb = call.ip_states[0]
@@ -124,7 +123,6 @@ class FusedSD3JointAttnProcessor(DropInProcessor, JointAttnProcessor2_0):
     def __init__(self):
         super().__init__()
         self.fallback_reason = None
-        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         out, encoder_out, _ = joint_attention(attn, hidden_states, encoder_hidden_states)

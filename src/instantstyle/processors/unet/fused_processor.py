@@ -56,7 +56,6 @@ class FusedIPAdapterAttnProcessor(DropInProcessor, OwnsStepCaches, IPAdapterStre
         self.init_streams(ids, num_tokens, scale)
         self.fallback_reason: Optional[str] = None
         self.text_kv_cache = StepCache()  # the layer's text K/V while the prompt is unchanged
-        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale: float = 1.0, ip_adapter_masks=None):
         layer = parse(attn, hidden_states, encoder_hidden_states, attention_mask, temb, self.num_tokens[0], ip_adapter_masks,
@@ -79,7 +78,6 @@ class FusedAttnProcessor(DropInProcessor, OwnsStepCaches, torch.nn.Module):
         super().__init__()
         self.fallback_reason: Optional[str] = None
         self.text_kv_cache = StepCache()
-        self.sign_call()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, scale: float = 1.0, ip_adapter_masks=None):
         # ``scale`` and ``ip_adapter_masks`` are declared so diffusers passes them without a warning

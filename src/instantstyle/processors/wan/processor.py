@@ -156,7 +156,6 @@ def _fused(base, name: str):
     def __init__(self, image_scale: float = 1.0, image_gate: Optional[StepGate] = None):
         base.__init__(self)
         self.init_image_branch(image_scale, image_gate)
-        self.sign_call()
 
     doc = (f"``{base.__module__}.{base.__name__}`` with each image-branch cross-attention call fused "
            "into one op call; see :class:`WanCrossAttention`.")
