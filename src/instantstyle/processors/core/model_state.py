@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import step_cache
+from .contributors import Kind
 from .models import attention_modules, unet_of
 from .step_cache import Run
 
@@ -168,7 +169,7 @@ def _step_hook(model, args, kwargs):
         return
     sample = kwargs.get("sample", args[0] if args else None)
     timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    observing = any(5 in getattr(c, "kinds", ()) for c, _ in state.attached.values())
+    observing = any(Kind.OBSERVE in getattr(c, "kinds", ()) for c, _ in state.attached.values())
     eager = not torch.compiler.is_compiling()
     if eager:  # a Python counter would be guarded on: eager bookkeeping only
         now = _host_value(timestep, need=observing)
