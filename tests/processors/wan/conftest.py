@@ -7,9 +7,9 @@ so a shorter context would leave the image branch empty."""
 import pytest
 import torch
 
-TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=32,
-            freq_dim=32, ffn_dim=32, num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-            image_dim=4, added_kv_proj_dim=24)
+TINY = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4, "out_channels": 4,
+        "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 3, "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32, "image_dim": 4, "added_kv_proj_dim": 24}
 
 
 def _build(cls, **extra):
@@ -46,5 +46,5 @@ def chronoedit():
 def wan_inputs():
     g = torch.Generator().manual_seed(7)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    return dict(hidden_states=r(2, 4, 2, 4, 4), timestep=torch.tensor([700.0, 700.0], dtype=torch.float64),
-                encoder_hidden_states=r(2, 512, 32), encoder_hidden_states_image=r(2, 5, 4))
+    return {"hidden_states": r(2, 4, 2, 4, 4), "timestep": torch.tensor([700.0, 700.0], dtype=torch.float64),
+            "encoder_hidden_states": r(2, 512, 32), "encoder_hidden_states_image": r(2, 5, 4)}

@@ -104,17 +104,17 @@ def test_gate_value_lives_on_the_timestep_device(wan, wan_inputs):
 
 
 @pytest.mark.parametrize("kwargs, error, argument", [
-    (dict(scale="big"), TypeError, "scale:"),
-    (dict(scale=True), TypeError, "scale:"),
-    (dict(scale=float("nan")), ValueError, "scale:"),
-    (dict(scale=[1.0, 2.0]), ValueError, "scale:"),
-    (dict(scale={7: 1.0}), ValueError, "scale:"),
-    (dict(scale=[1.0, "x", 1.0]), TypeError, "scale[1]:"),
-    (dict(scale=[1.0] * 3, target="all"), ValueError, "target:"),
-    (dict(scale=1.0, target="style"), ValueError, "target:"),
-    (dict(scale=1.0, target=3), TypeError, "target:"),
-    (dict(scale=1.0, start_at=1.5), ValueError, "start_at:"),
-    (dict(scale=1.0, start_at=0.6, end_at=0.5), ValueError, "end_at:"),
+    ({"scale": "big"}, TypeError, "scale:"),
+    ({"scale": True}, TypeError, "scale:"),
+    ({"scale": float("nan")}, ValueError, "scale:"),
+    ({"scale": [1.0, 2.0]}, ValueError, "scale:"),
+    ({"scale": {7: 1.0}}, ValueError, "scale:"),
+    ({"scale": [1.0, "x", 1.0]}, TypeError, "scale[1]:"),
+    ({"scale": [1.0] * 3, "target": "all"}, ValueError, "target:"),
+    ({"scale": 1.0, "target": "style"}, ValueError, "target:"),
+    ({"scale": 1.0, "target": 3}, TypeError, "target:"),
+    ({"scale": 1.0, "start_at": 1.5}, ValueError, "start_at:"),
+    ({"scale": 1.0, "start_at": 0.6, "end_at": 0.5}, ValueError, "end_at:"),
 ])
 def test_bad_input_one_line_errors_name_the_argument(wan, kwargs, error, argument):
     before = dict(wan.attn_processors)

@@ -56,6 +56,9 @@ class ModelState:
     caches: Optional[bool] = None  # set_caches: True on, False off, None never set (off; no hook needed)
     run: Run = field(default_factory=Run)  # the denoising run the caches belong to
     run_mark: object = None  # where the last call's timestep sat (same_run)
+    #: the model is called once per CFG half at every step (Wan-family pipelines), so a call at
+    #: the timestep of the previous one continues its run instead of starting a new one
+    calls_per_cfg_half: bool = False
 
 
 def state_of(model, create: bool = True) -> Optional[ModelState]:
@@ -123,23 +126,26 @@ def run_mark(timestep, now: Optional[float]):
     return None
 
 
-def same_run(previous, mark) -> bool:
+def same_run(previous, mark, same_step: bool = False) -> bool:
     """Whether a call at ``mark`` continues the run of the call at ``previous``: its
     timestep strictly falls (a later entry of the same schedule tensor, where the value
     can't be read for free).  The same or a rising timestep starts a new run, so a
     direct call repeated with the same inputs never reads caches of the previous one;
-    unknown timesteps too (a missed continuation only costs the reuse)."""
+    unknown timesteps too (a missed continuation only costs the reuse).  ``same_step``:
+    the same timestep continues too (models called once per CFG half, see
+    :attr:`ModelState.calls_per_cfg_half`)."""
     if previous is None or mark is None:
         return False
     if isinstance(mark, float):
-        return isinstance(previous, float) and mark < previous
+        return isinstance(previous, float) and (mark < previous or (same_step and mark == previous))
     # ``previous`` holds its schedule tensor, so a new tensor can't take its identity
-    return isinstance(previous, tuple) and mark[0] is previous[0] and mark[1] > previous[1]
+    return isinstance(previous, tuple) and mark[0] is previous[0] and (
+        mark[1] > previous[1] or (same_step and mark[1] == previous[1]))
 
 
 def _track_run(state: ModelState, timestep, now: Optional[float]) -> None:
     mark = run_mark(timestep, now)
-    if not same_run(state.run_mark, mark):
+    if not same_run(state.run_mark, mark, state.calls_per_cfg_half):
         state.run = Run()
     state.run_mark = mark
 
@@ -266,6 +272,14 @@ def default_caches(model_or_pipeline) -> None:
     state = state_of(model, create=True)
     if state.caches is None:
         state.caches = True
+
+
+def call_per_cfg_half(model_or_pipeline) -> None:
+    """Mark a model its pipelines call once per CFG half at each step (cond, then uncond at
+    the same timestep, as diffusers' Wan pipelines do): those calls are one run, so the
+    per-run caches serve both halves at every step.  A direct call repeated at one timestep
+    then continues the run too; the caches' exact checks still decide every reuse."""
+    state_of(unet_of(model_or_pipeline), create=True).calls_per_cfg_half = True
 
 
 def choose_caches(model_or_pipeline, caches: Optional[bool]) -> None:

@@ -31,6 +31,8 @@ from ..dit.conversion import dit_equivalent, dit_plain_classes
 from ..dit.method_rules import check_dit_method, dit_gate_steps
 from ..targets.registry import Injection, registry_of
 from ..unet.conversion import PLAIN_CLASSES, fused_equivalent
+from ..wan.conversion import wan_equivalent, wan_plain_classes
+from ..wan.image_scale import WAN_GATE_STEPS
 from .base import EditingMethod
 
 
@@ -49,7 +51,8 @@ def apply_method(model_or_pipeline, method: EditingMethod) -> Injection:
         raise TypeError(f"method: expected an EditingMethod instance, got {describe(method)}")
     unet = unet_of(model_or_pipeline)
     registry = registry_of(unet)
-    dit = transformer_family(unet) is not None
+    wan = transformer_family(unet) == "wan"  # self- and cross-attention per block, as a UNet (processors/wan)
+    dit = transformer_family(unet) is not None and not wan
     if dit:  # Flux / SD3 joint attention: what is supported there (dit_methods)
         check_dit_method(method)
     # a DiT's joint attention is self- and cross-attention at once (joint_observe): every
@@ -59,13 +62,14 @@ def apply_method(model_or_pipeline, method: EditingMethod) -> Injection:
     if not chosen:
         raise ValueError(f"{method.name}: target {method.target!r} leaves no {method.kind}-attention layer")
     modules = {s.name: s.module for s in registry.sites}
-    equivalent = dit_equivalent if dit else fused_equivalent
-    plain = dit_plain_classes() if dit else PLAIN_CLASSES
+    equivalent = wan_equivalent if wan else dit_equivalent if dit else fused_equivalent
+    plain = wan_plain_classes() if wan else dit_plain_classes() if dit else PLAIN_CLASSES
     # build every processor first, so a layer we can't handle leaves the model untouched
     procs = {site: equivalent(site, modules[site].processor) for site in chosen}
     if method.name in model_state.attached(unet):
         remove_method(unet, method.name)
-    method.gate.num_train_timesteps = dit_gate_steps(transformer_family(unet)) if dit else int(_train_steps(model_or_pipeline))
+    method.gate.num_train_timesteps = (WAN_GATE_STEPS if wan else dit_gate_steps(transformer_family(unet)) if dit
+                                       else int(_train_steps(model_or_pipeline)))
     method.patch_modules(unet)  # may refuse (raise) before anything changed
     entries = {}
     for site, proc in procs.items():

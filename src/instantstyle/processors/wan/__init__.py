@@ -7,6 +7,11 @@ in two softmaxes over the same queries, summed), which is exactly the op's math.
 - ``processor``: the drop-in processors, one per diffusers class, each cross-attention
   layer with an image branch = ONE op call (text keys + the image branch as one stream
   with a scale); self-attention stays on diffusers' dispatcher.
+- ``self_attention``: ``attn1`` with editing methods attached (StyleAligned on video),
+  one op call; without methods self-attention stays on diffusers' dispatcher.
+- ``context_cache``: per-run reuse of the text/image K/V inside Wan's forward (a bit-equal
+  canonical context per run, one cache slot per distinct context).
+- ``video_grid``: the latent frame grid of a call, for per-frame methods.
 - ``conversion``: diffusers' Wan processors -> ours (``use_fused_processors`` routes here).
 - ``image_scale``: :func:`set_image_scale`, per-block control and step gates of the
   native image branch (diffusers has neither).

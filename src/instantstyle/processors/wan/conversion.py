@@ -3,13 +3,11 @@ image branch (``add_k_proj``).  Self-attention and cross-attention without an im
 branch keep diffusers' processors (one softmax each: nothing to fuse)."""
 from __future__ import annotations
 
-from typing import List, Tuple
-
-from ..core.model_state import runs_pipeline
+from ..core.model_state import call_per_cfg_half, default_caches, runs_pipeline
 from .processor import FUSED_BY_CLASS, WanCrossAttention
 
 
-def image_branch_sites(model) -> List[Tuple[str, object]]:
+def image_branch_sites(model) -> list[tuple[str, object]]:
     """``[(attn_processors key, module)]`` of the cross-attention layers with an image
     branch, in model order (``blocks.N.attn2.processor``)."""
     return [(name + ".processor", m) for name, m in model.named_modules()
@@ -60,11 +58,30 @@ def install(model, procs: dict) -> dict:
 
 def use_fused_wan(model) -> dict:
     """Swap diffusers' processor of every image-branch cross-attention layer for ours;
-    returns ``{name: replaced processor}``.  Layers running other classes are left alone."""
+    returns ``{name: replaced processor}``.  Layers running other classes are left alone.
+    Turns the per-run K/V caches on (``context_cache``), unless ``set_caches(model, False)``."""
     current = model.attn_processors
     procs = {}
     for site, _ in image_branch_sites(model):
         fused = fuse_wan_processor(current[site])
         if fused is not None:
             procs[site] = fused
-    return install(model, procs)
+    replaced = install(model, procs)
+    default_caches(model)  # as the UNet and DiT conversions
+    call_per_cfg_half(model)  # diffusers' Wan pipelines: cond and uncond calls at each timestep
+    return replaced
+
+
+def wan_plain_classes() -> tuple:
+    """diffusers' stateless Wan-family processors (given back when the last method leaves a layer)."""
+    return tuple(FUSED_BY_CLASS)
+
+
+def wan_equivalent(site: str, proc):
+    """The fused processor for a Wan-family layer a method attaches to (``attn1`` or
+    ``attn2``): ours as it is, else ours for diffusers' class (same backend)."""
+    fused = proc if runs_pipeline(proc) else fuse_wan_processor(proc)
+    if fused is None:
+        raise TypeError(f"target: layer {site} runs a {type(proc).__name__}; instantstyle needs diffusers' Wan-family "
+                        "processor (WanAttnProcessor, SkyReelsV2AttnProcessor) or its own there")
+    return fused

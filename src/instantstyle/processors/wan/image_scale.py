@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict
 
 from ..core.gating import StepGate
 from ..core.model_state import ensure_step_hook
@@ -80,7 +79,7 @@ def resolve_scales(model, sites, scale, target=None) -> tuple:
     return {s: named.get(s, 1.0) for s in sites}, set(named)
 
 
-def set_image_scale(pipe_or_model, scale, target=None, start_at: float = 0.0, end_at: float = 1.0) -> Dict[str, float]:
+def set_image_scale(pipe_or_model, scale, target=None, start_at: float = 0.0, end_at: float = 1.0) -> dict[str, float]:
     """Scale (and gate) the native image branch of a Wan-family I2V/FLF2V transformer per
     block; installs the fused processors where diffusers' are.  Returns ``{site: scale}``
     of every image-branch layer.  See the module doc."""
@@ -101,7 +100,7 @@ def set_image_scale(pipe_or_model, scale, target=None, start_at: float = 0.0, en
     return scales
 
 
-def image_scales(pipe_or_model) -> Dict[str, tuple]:
+def image_scales(pipe_or_model) -> dict[str, tuple]:
     """``{site: (scale, gate or None)}`` as the layers hold them (1.0 and None for diffusers' processors)."""
     model = unet_of(pipe_or_model)
     return {site: (getattr(m.processor, "image_scale", 1.0), getattr(m.processor, "image_gate", None))

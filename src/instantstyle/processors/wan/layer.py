@@ -17,14 +17,10 @@ step for step:
 
 Per-run caches: the text and image K/V are computed through the core step cache
 (``StepCache.get``) keyed on the layer's context tensor and every weight they depend on,
-as the UNet path keys its text K/V.  Caveat (see the room's report): diffusers' Wan
-forward builds that context with ``torch.concat`` on every call, so inside a model
-forward the key is a new tensor at every step and the cache never hits; it hits for
-layers called directly with an unchanged context (benchmarks, custom loops) in a run.
+as the UNet path keys its text K/V.  diffusers' Wan forward builds that context anew on
+every call, so the key is the run's bit-equal canonical context (``context_cache``).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch.nn.modules import module as _module
@@ -53,7 +49,7 @@ def _plain_norm(module) -> bool:
             and not (_module._global_forward_hooks or _module._global_forward_pre_hooks))
 
 
-def _cached(cache: Optional[StepCache], context, projections, norm, project):
+def _cached(cache: StepCache | None, context, projections, norm, project):
     """``project()``, through ``cache`` when every module it reads is bare (the key then
     holds every tensor the result depends on)."""
     if cache is None or not all(plain_linear(m) for m in projections) or not _plain_norm(norm):
@@ -78,12 +74,12 @@ def _kv(attn, context, states, fused_name: str, k_name: str, v_name: str, norm_n
     return _cached(cache, context, mods, norm, project)
 
 
-def text_kv(attn, context: torch.Tensor, text: torch.Tensor, cache: Optional[StepCache] = None):
+def text_kv(attn, context: torch.Tensor, text: torch.Tensor, cache: StepCache | None = None):
     """``(norm_k(to_k(text)), to_v(text))``, ``(B, Lt, H*D)`` each."""
     return _kv(attn, context, text, "to_kv", "to_k", "to_v", "norm_k", cache)
 
 
-def image_kv(attn, context: torch.Tensor, image: torch.Tensor, cache: Optional[StepCache] = None):
+def image_kv(attn, context: torch.Tensor, image: torch.Tensor, cache: StepCache | None = None):
     """``(norm_added_k(add_k_proj(img)), add_v_proj(img))``, ``(B, Li, H*D)`` each."""
     return _kv(attn, context, image, "to_added_kv", "add_k_proj", "add_v_proj", "norm_added_k", cache)
 
@@ -93,12 +89,15 @@ def heads(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.unflatten(-1, (n, -1))
 
 
-def parse(attn, hidden_states, encoder_hidden_states, attention_mask=None, text_cache: Optional[StepCache] = None) -> LayerInputs:
+def parse(attn, hidden_states, encoder_hidden_states, attention_mask=None, text_cache: StepCache | None = None,
+          cache_key: torch.Tensor | None = None) -> LayerInputs:
     """A cross-attention call as :class:`LayerInputs`; ``ip_states`` holds the image tokens
-    (``[img]``, or ``[]`` for a layer without an image branch)."""
+    (``[img]``, or ``[]`` for a layer without an image branch).  ``cache_key``: the tensor
+    the text K/V are cached under (``context_cache``: a bit-equal earlier context), by
+    default the context itself."""
     text, image = split_context(attn, encoder_hidden_states)
     q = heads(attn.norm_q(linear(attn.to_q, hidden_states)), attn.heads)
-    k, v = text_kv(attn, encoder_hidden_states, text, text_cache)
+    k, v = text_kv(attn, encoder_hidden_states if cache_key is None else cache_key, text, text_cache)
     reason = None
     if attention_mask is not None:  # diffusers hands it to SDPA on the text keys as it is
         reason = (f"attention_mask of shape {tuple(attention_mask.shape)} on the text keys: the unfused path takes it "

@@ -10,8 +10,13 @@ A layer at scale 0 makes no image-branch work at all: no ``add_k_proj``/``add_v_
 no second softmax (the scale is a Python float, read eagerly; under ``torch.compile``
 a changed scale recompiles).
 
-Everything else goes to diffusers' own ``__call__`` unchanged: self-attention (long
-keys, RoPE: diffusers' dispatcher, attention backends, context parallelism), a
+Editing methods attach through the registry (``methods.apply_method``): at ``attn2``
+they join the same op call; at ``attn1`` (self-attention) a layer that holds methods
+runs :mod:`.self_attention` (one op call, RoPE between AdaIN and the reference keys).
+The text and image K/V are reused within a run (:mod:`.context_cache`).
+
+Everything else goes to diffusers' own ``__call__`` unchanged: self-attention without
+methods (long keys, RoPE: diffusers' dispatcher, attention backends, context parallelism), a
 cross-attention layer without an image branch (Wan T2V: one softmax, nothing to fuse),
 and a cross-attention call given rotary embeddings (Wan's blocks never pass them).
 
@@ -24,7 +29,6 @@ gets its signature and registration from :class:`DropInProcessor`.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from diffusers.models.transformers import (
@@ -39,36 +43,28 @@ from ..core.drop_in import DropInProcessor
 from ..core.engine import attend
 from ..core.gating import StepGate
 from ..core.model_state import attached_at
-from ..core.step_cache import StepCache
 from ..core.validation import describe, require_number
+from .context_cache import caches_for
 from .layer import image_kv, parse, project
-
-_CACHES = "_instantstyle_wan_kv"  # on the Attention module: [text K/V, image K/V] (model_state.clear_caches empties them)
-
-
-def _layer_caches(attn) -> list:
-    caches = attn.__dict__.get(_CACHES)
-    if caches is None:
-        caches = attn.__dict__[_CACHES] = [StepCache(), StepCache()]
-    return caches
+from .self_attention import self_attention
 
 
 class ImageStream(Contributor):
     """The image branch of one layer call: one stream, ``(k_img, v_img, scale x gate)``.
     Built by the processor for the call (the projections live on the layer)."""
 
-    __slots__ = ("processor", "attn", "context")
+    __slots__ = ("attn", "cache", "context", "processor")
     name = "wan_image"
     trusted = True  # the layer's own projections; the scale a 0-D tensor on q's device
 
-    def __init__(self, processor, attn, context):
-        self.processor, self.attn, self.context = processor, attn, context
+    def __init__(self, processor, attn, context, cache):
+        self.processor, self.attn, self.context, self.cache = processor, attn, context, cache
 
     def streams(self, call: AttentionCall):
         image = call.ip_states[0] if call.ip_states else None
         if image is None or image.shape[1] == 0:  # diffusers: attention over no keys is 0
             return []
-        k, v = image_kv(self.attn, self.context, image, _layer_caches(self.attn)[1])
+        k, v = image_kv(self.attn, self.context, image, self.cache)
         n = self.attn.heads
         return [(k.unflatten(-1, (n, -1)), v.unflatten(-1, (n, -1)), self.processor.scale_on(call.q), None)]
 
@@ -83,7 +79,7 @@ class WanCrossAttention:
     #: diffusers' processor class this one replaces (set by each subclass below)
     diffusers_class = None
 
-    def init_image_branch(self, image_scale: float = 1.0, image_gate: Optional[StepGate] = None) -> None:
+    def init_image_branch(self, image_scale: float = 1.0, image_gate: StepGate | None = None) -> None:
         self._scale_cells = {}
         self.image_scale = image_scale
         self.image_gate = image_gate
@@ -104,7 +100,7 @@ class WanCrossAttention:
             cell.fill_(value)
 
     @property
-    def image_gate(self) -> Optional[StepGate]:
+    def image_gate(self) -> StepGate | None:
         return self._image_gate
 
     @image_gate.setter
@@ -135,13 +131,16 @@ class WanCrossAttention:
 
     # -- the call ---------------------------------------------------------------------------
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is None and attention_mask is None and attached_at(attn):
+            return self_attention(attn, hidden_states, rotary_emb)  # editing methods on attn1
         if encoder_hidden_states is None or attn.add_k_proj is None or rotary_emb is not None:
             return self.diffusers_class.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        layer = parse(attn, hidden_states, encoder_hidden_states, attention_mask, _layer_caches(attn)[0])
+        key, text_cache, image_cache = caches_for(attn, encoder_hidden_states)  # per-run K/V (context_cache)
+        layer = parse(attn, hidden_states, encoder_hidden_states, attention_mask, text_cache, key)
         if self.fallback_reason is not layer.fallback_reason:
             self.fallback_reason = layer.fallback_reason
         on = self._image_scale != 0 and layer.ip_states and layer.ip_states[0].shape[1] > 0
-        own = ((ImageStream(self, attn, encoder_hidden_states), 1.0),) if on else ()
+        own = ((ImageStream(self, attn, key, image_cache), 1.0),) if on else ()
         entries = attached_at(attn)
         if entries:
             out = attend(layer, [*own, *((e.contributor, e.weight) for e in entries)], entries[0].site, entries[0].state)
@@ -153,7 +152,7 @@ class WanCrossAttention:
 def _fused(base, name: str):
     """``Fused<diffusers class name>``: ``WanCrossAttention`` over diffusers' ``base``."""
 
-    def __init__(self, image_scale: float = 1.0, image_gate: Optional[StepGate] = None):
+    def __init__(self, image_scale: float = 1.0, image_gate: StepGate | None = None):
         base.__init__(self)
         self.init_image_branch(image_scale, image_gate)
 
