@@ -7,15 +7,18 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers.ip_fixtures import tiny_unet
+from helpers.method_cases import RefCrossCapture, run, with_processors
 
 import instantstyle.processors.core.engine as compose
 from instantstyle.kernels import check_close
-from instantstyle.processors.methods import AttentionMapCapture, apply_method, save_heatmaps
-from instantstyle.processors.methods import reset_steps
+from instantstyle.processors.methods import (
+    AttentionMapCapture,
+    apply_method,
+    reset_steps,
+    save_heatmaps,
+)
 from instantstyle.processors.methods.attention_maps import colorize
-
-from helpers.ip_fixtures import tiny_unet
-from helpers.method_cases import RefCrossCapture, run, with_processors
 
 
 def _count_op_calls(monkeypatch):

@@ -8,12 +8,14 @@
   (+ :func:`save_heatmaps`): the shipped methods.
 """
 from .attach import applied_methods, apply_method, remove_method, reset_steps
+from .attend_excite import AttendAndExcite
 from .attention_maps import AttentionMapCapture, save_heatmaps
 from .base import AttentionCall, EditingMethod, reference_rows
 from .style_aligned import StyleAligned, adain
 from .visual_style_prompting import VisualStylePrompting
 
 __all__ = [
+    "AttendAndExcite",
     "AttentionCall",
     "AttentionMapCapture",
     "EditingMethod",

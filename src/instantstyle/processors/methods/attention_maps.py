@@ -9,11 +9,24 @@ mode only (it reads the step in Python).
 Maps are scoped to one run: a new pipeline call (detected from the timestep rising
 again, or after ``reset_steps``) starts from step 0 with no maps, so ``steps=[1]`` on a
 second prompt gives that prompt's maps and ``steps=None`` does not grow across calls.
+
+**Differentiable mode** (``differentiable=True``, for attention guidance such as
+:mod:`.attend_excite`): the maps stay on the model's device, in the probabilities' dtype
+(fp32, fp64 for fp64 inputs), and in the autograd graph, so a loss on them reaches
+``q``/``k`` and through them the latents.  This is exact because an observed layer runs
+the unfused torch path (``torch_decoupled_attention(keep_probs=True)``): the text
+probabilities are ``P = softmax(S)`` built by autograd-visible ops, the output uses that
+very ``P`` (``P @ V``) and the IP streams add their own softmaxes on top.  Autograd then
+sums both upstream gradients into ``dP = dP_out + G`` and the softmax backward gives
+``dS = P * (dP - rowsum(P * dP))``, i.e. the op's ``dS`` plus exactly
+``P * (G - rowsum(P * G))`` (training-facts: attention guidance); the unobserved layers
+keep the fused op with its registered backward.  Without it, maps are detached (no
+graph is kept alive by a stored map).
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 import torch
 
@@ -28,6 +41,8 @@ class AttentionMapCapture(EditingMethod):
         target: cross-attention layers (default all of them; e.g. ``"style"``).
         steps: UNet call indices to capture (0 = first call after :func:`apply_method`
             or ``reset_steps``); None captures every step in ``[start_at, end_at]``.
+        differentiable: keep the maps in the autograd graph, on the device (see the
+            module doc); default False: detached float32 copies on the CPU.
         start_at, end_at, name: see :class:`EditingMethod`.
 
     After a run, ``maps`` is ``{(step, site): (B, tokens, h, w) tensor}``; see
@@ -38,33 +53,42 @@ class AttentionMapCapture(EditingMethod):
     kind = "cross"
     default_target = "all"
 
-    def __init__(self, target=None, *, steps: Optional[Iterable[int]] = None, start_at: float = 0.0,
-                 end_at: float = 1.0, name=None):
+    def __init__(self, target=None, *, steps: Iterable[int] | None = None, differentiable: bool = False,
+                 start_at: float = 0.0, end_at: float = 1.0, name=None):
         super().__init__(target, start_at=start_at, end_at=end_at, name=name)
+        if not isinstance(differentiable, bool):
+            raise TypeError(f"differentiable: expected True or False, got {describe(differentiable)}")
+        self.differentiable = differentiable
         if steps is not None:
             try:
                 steps = {int(s) for s in steps}
             except (TypeError, ValueError):
                 raise TypeError(f"steps: expected None or an iterable of step indices, got {describe(steps)}") from None
         self.steps = steps
-        self.maps: Dict[Tuple[int, str], torch.Tensor] = {}
+        self.maps: dict[tuple[int, str], torch.Tensor] = {}
+        self.heads: dict[tuple[int, str], int] = {}  # heads averaged into each map (weights for a mean over layers)
 
     def on_step(self, step: int, timestep) -> None:
         if step == 0:  # a new run
-            self.maps.clear()
+            self.clear()
 
     def observing(self, call: AttentionCall) -> bool:
         return self.steps is None or call.step in self.steps
 
     def observe(self, call: AttentionCall, probs: torch.Tensor) -> None:
-        text = probs[..., : call.k.shape[1]].mean(dim=1)  # (B, N, Lt): head average
-        size = call.spatial or _square(text.shape[1])
-        self.maps[(call.step, call.site)] = text.transpose(1, 2).reshape(text.shape[0], -1, *size).float().cpu()
+        text = probs[..., : call.k.shape[1]]
+        if not self.differentiable:
+            text = text.detach()  # a stored map must not keep the step's graph alive
+        size = call.spatial or _square(text.shape[2])
+        maps = text.mean(dim=1).transpose(1, 2).reshape(text.shape[0], -1, *size)  # (B, Lt, h, w): head average
+        self.maps[(call.step, call.site)] = maps if self.differentiable else maps.float().cpu()
+        self.heads[(call.step, call.site)] = text.shape[1]
 
     def clear(self) -> None:
         self.maps.clear()
+        self.heads.clear()
 
-    def token_maps(self, index: int = -1, steps: Optional[Iterable[int]] = None, sites: Optional[Iterable[str]] = None) -> torch.Tensor:
+    def token_maps(self, index: int = -1, steps: Iterable[int] | None = None, sites: Iterable[str] | None = None) -> torch.Tensor:
         """``(tokens, h, w)`` maps of batch row ``index`` (default the last: with CFG the
         conditional half), averaged over the captured steps and layers, each upsampled to
         the largest captured resolution."""
@@ -80,7 +104,7 @@ class AttentionMapCapture(EditingMethod):
 
 
 def _square(n: int) -> tuple:
-    side = int(round(n ** 0.5))
+    side = round(n ** 0.5)
     if side * side != n:
         raise ValueError(f"attention maps: can't infer the layout of {n} queries (call the UNet with a 4-D sample)")
     return side, side
@@ -100,8 +124,8 @@ def colorize(heat: torch.Tensor) -> torch.Tensor:
     return (_RAMP[i] * (1 - frac) + _RAMP[i + 1] * frac).round().to(torch.uint8)
 
 
-def save_heatmaps(maps: torch.Tensor, out_dir: str, tokens: Optional[List[str]] = None, size: int = 256,
-                  image=None, alpha: float = 0.6) -> List[str]:
+def save_heatmaps(maps: torch.Tensor, out_dir: str, tokens: list[str] | None = None, size: int = 256,
+                  image=None, alpha: float = 0.6) -> list[str]:
     """Save one PNG heat map per token; returns the paths.
 
     Args:
