@@ -24,7 +24,6 @@ import random
 import re
 import secrets
 import shutil
-from typing import Optional
 
 import numpy as np
 import torch
@@ -60,7 +59,7 @@ def complete_checkpoints(out_dir: str):
     return sorted(found)
 
 
-def resolve_resume(out_dir: str, resume: Optional[str]) -> Optional[str]:
+def resolve_resume(out_dir: str, resume: str | None) -> str | None:
     """The checkpoint folder ``--resume`` names: ``latest`` (None when there is none yet, so a
     first run and its restart are one command) or a path."""
     if resume is None:
@@ -88,7 +87,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir: str, step: int, model, optimizer, lr_scheduler, accelerator, state: dict,
-                    keep: int) -> Optional[str]:
+                    keep: int) -> str | None:
     """Write ``checkpoint-<step>`` (every rank must call it: DeepSpeed saves from all ranks);
     returns its path on rank 0."""
     from safetensors.torch import save_file
@@ -129,12 +128,17 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, lr_scheduler, acc
     return final
 
 
+def read_state(path: str) -> dict:
+    """A checkpoint's ``state.json`` (step, samples, the run's settings)."""
+    with open(os.path.join(path, STATE), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_checkpoint(path: str, model, optimizer, lr_scheduler, accelerator) -> dict:
     """Restore a checkpoint into the (prepared) training objects; returns its ``state.json``."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(path, STATE), encoding="utf-8") as f:
-        state = json.load(f)
+    state = read_state(path)
     load_trainable_state(model, load_file(os.path.join(path, "adapter.safetensors")), path)
     saved = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
     if saved["optimizer"] is None:  # DeepSpeed

@@ -41,14 +41,62 @@ def parse_target(text: str):
     return parts[0] if len(parts) == 1 and "." not in parts[0] else parts
 
 
-def add_arguments(parser) -> None:
+def add_data_arguments(parser, what: str):
+    """--model --data --out --cache-dir; returns the group (a trainer adds its own models to it)."""
     g = parser.add_argument_group("models and data")
     g.add_argument("--model", required=True, metavar="DIR_OR_HUB_ID", help="diffusers pipeline (SDXL or SD1.5) folder or hub id")
+    g.add_argument("--data", required=True, help="JSONL of {\"image\", \"text\"} or a folder of images + .txt captions")
+    g.add_argument("--out", required=True, metavar="DIR", help=f"output folder (checkpoints, metrics, {what})")
+    g.add_argument("--cache-dir", help="hub cache folder (default: HF_HUB_CACHE)")
+    return g
+
+
+def add_engine_arguments(parser, *, lr: float = 1e-4, batch_size: int = 8, max_steps: int = 1000,
+                         checkpoint_every: int = 500, reference_images: bool = True) -> None:
+    """The flags of the shared engine (``engine.run_training``): training, checkpoints, validation."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--resolution", type=int, default=1024, help="square training size (default 1024)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help=f"GLOBAL batch size over all processes (default {batch_size})")
+    g.add_argument("--gradient-accumulation", type=int, default=1,
+                   help="micro-batches per step; processes x this must divide --batch-size (default 1)")
+    g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warmup, then constant (default 0)")
+    g.add_argument("--max-steps", type=int, default=max_steps, help=f"optimiser steps (default {max_steps})")
+    g.add_argument("--noise-offset", type=float, default=0.0, help="noise offset (default 0: off)")
+    g.add_argument("--max-grad-norm", type=float, default=None, help="clip gradients (default: off)")
+    g.add_argument("--seed", type=int, default=0, help="init of the trained weights, data order, noise (default 0)")
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="autocast through accelerate; frozen models in that dtype, trained weights float32")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in the backward")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; one GPU per process)")
+    g.add_argument("--threads", type=int, default=None, help="CPU: torch threads per process")
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                   help=f"steps between checkpoints (default {checkpoint_every}; 0: none)")
+    g.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K (default 3)")
+    g.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint in --out, or a folder")
+    g = parser.add_argument_group("validation")
+    g.add_argument("--validation-every", type=int, default=0, help="steps between validation grids (default 0: off)")
+    g.add_argument("--validation-prompts", nargs="+", default=[], metavar="PROMPT")
+    if reference_images:
+        g.add_argument("--validation-images", nargs="+", default=[], metavar="IMAGE", help="reference images")
+    g.add_argument("--validation-inference-steps", type=int, default=20)
+    g.add_argument("--validation-guidance", type=float, default=5.0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the result (steps, last loss, exports) as JSON")
+
+
+def print_result(args, result: dict) -> None:
+    """--json: the result on stdout, once (the main process: the one that wrote the exports)."""
+    if args.json and result["exports"]:
+        print(json.dumps(result))
+
+
+def add_arguments(parser) -> None:
+    g = add_data_arguments(parser, "exports")
     g.add_argument("--image-encoder", metavar="DIR_OR_HUB_ID",
                    help="CLIP vision model with projection (default: MODEL/image_encoder when MODEL is a folder)")
-    g.add_argument("--data", required=True, help="JSONL of {\"image\", \"text\"} or a folder of images + .txt captions")
-    g.add_argument("--out", required=True, metavar="DIR", help="output folder (checkpoints, metrics, exports)")
-    g.add_argument("--cache-dir", help="hub cache folder (default: HF_HUB_CACHE)")
     g = parser.add_argument_group("adapter")
     g.add_argument("--target", default="style",
                    help="where image features go: a preset (style, layout, style+layout, all), comma-separated module "
@@ -56,44 +104,16 @@ def add_arguments(parser) -> None:
     g.add_argument("--format", choices=("base", "plus"), default="base",
                    help="base: Linear+LayerNorm to 4 tokens from CLIP image embeds; plus: resampler to 16 tokens "
                         "from CLIP's penultimate hidden states (default: base)")
-    g = parser.add_argument_group("training")
-    g.add_argument("--resolution", type=int, default=1024, help="square training size (default 1024)")
-    g.add_argument("--batch-size", type=int, default=8, help="GLOBAL batch size over all processes (default 8)")
-    g.add_argument("--gradient-accumulation", type=int, default=1,
-                   help="micro-batches per step; processes x this must divide --batch-size (default 1)")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warmup, then constant (default 0)")
-    g.add_argument("--max-steps", type=int, default=1000, help="optimiser steps (default 1000)")
-    g.add_argument("--noise-offset", type=float, default=0.0, help="noise offset (default 0: off)")
     g.add_argument("--drop-rates", type=float, nargs=3, default=(0.05, 0.05, 0.05), metavar=("IMAGE", "TEXT", "BOTH"),
                    help="probabilities of dropping the image, the text, both (default 0.05 0.05 0.05)")
-    g.add_argument("--max-grad-norm", type=float, default=None, help="clip gradients (default: off, as the original)")
-    g.add_argument("--seed", type=int, default=0, help="adapter init, data order, noise (default 0)")
-    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
-                   help="autocast through accelerate; frozen models in that dtype, trained weights float32")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in the backward")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; one GPU per process)")
-    g.add_argument("--threads", type=int, default=None, help="CPU: torch threads per process")
-    g = parser.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500; 0: none)")
-    g.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K (default 3)")
-    g.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint in --out, or a folder")
-    g = parser.add_argument_group("validation")
-    g.add_argument("--validation-every", type=int, default=0, help="steps between validation grids (default 0: off)")
-    g.add_argument("--validation-prompts", nargs="+", default=[], metavar="PROMPT")
-    g.add_argument("--validation-images", nargs="+", default=[], metavar="IMAGE", help="reference images")
-    g.add_argument("--validation-inference-steps", type=int, default=20)
-    g.add_argument("--validation-guidance", type=float, default=5.0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_arguments(parser)
 
 
-def run(args) -> int:
+def set_threads(args) -> None:
+    """--threads, or an even share of the cores per process on CPU under a launcher."""
     import os
 
     import torch
-
-    from .train import train_adapter
 
     if args.threads is not None:
         if args.threads < 1:
@@ -102,18 +122,26 @@ def run(args) -> int:
     elif (args.device or "cpu").startswith("cpu") and "WORLD_SIZE" in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // max(1, int(os.environ["WORLD_SIZE"]))))  # processes share the cores
+
+
+def engine_kwargs(args) -> dict:
+    """The shared engine's keyword arguments from parsed flags."""
+    names = ("resolution", "batch_size", "lr", "weight_decay", "lr_warmup_steps", "max_steps", "checkpoint_every",
+             "keep_checkpoints", "resume", "seed", "mixed_precision", "gradient_checkpointing",
+             "gradient_accumulation", "device", "noise_offset", "max_grad_norm", "validation_every",
+             "validation_prompts", "validation_inference_steps", "validation_guidance")
+    kwargs = {name: getattr(args, name) for name in names}
+    kwargs.update(progress=not args.no_progress, hub={"cache_dir": args.cache_dir} if args.cache_dir else None)
+    return kwargs
+
+
+def run(args) -> int:
+    from .train import train_adapter
+
+    set_threads(args)
     image, text, both = args.drop_rates
-    train_adapter(args.model, args.data, args.out, image_encoder=args.image_encoder, target=parse_target(args.target),
-                  format=args.format, resolution=args.resolution, batch_size=args.batch_size, lr=args.lr,
-                  weight_decay=args.weight_decay, lr_warmup_steps=args.lr_warmup_steps, max_steps=args.max_steps,
-                  checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-                  seed=args.seed, mixed_precision=args.mixed_precision,
-                  gradient_checkpointing=args.gradient_checkpointing,
-                  gradient_accumulation=args.gradient_accumulation, device=args.device, noise_offset=args.noise_offset,
-                  drop_image=image, drop_text=text, drop_both=both, max_grad_norm=args.max_grad_norm,
-                  validation_every=args.validation_every, validation_prompts=args.validation_prompts,
-                  validation_images=args.validation_images,
-                  validation_inference_steps=args.validation_inference_steps,
-                  validation_guidance=args.validation_guidance, progress=not args.no_progress,
-                  hub={"cache_dir": args.cache_dir} if args.cache_dir else None)
+    print_result(args, train_adapter(args.model, args.data, args.out, image_encoder=args.image_encoder,
+                                     target=parse_target(args.target), format=args.format, drop_image=image,
+                                     drop_text=text, drop_both=both, validation_images=args.validation_images,
+                                     **engine_kwargs(args)))
     return 0

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,15 +41,15 @@ class Row:
 
 @dataclass
 class Dataset:
-    rows: List[Row]
+    rows: list[Row]
     source: str
-    bad: List[Tuple[str, str]] = field(default_factory=list)  # (where, why)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
-    def warning(self) -> Optional[str]:
+    def warning(self) -> str | None:
         """One line naming the bad rows that were skipped, or None."""
         if not self.bad:
             return None
@@ -60,7 +59,7 @@ class Dataset:
                 f"({named}{more})")
 
 
-def _check_image(path: str) -> Optional[str]:
+def _check_image(path: str) -> str | None:
     """None for an image PIL can open and verify, else why not."""
     from PIL import Image
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict
 
 import torch
 
@@ -38,7 +37,7 @@ _PLUS_RENAMES = [
 ]
 
 
-def original_image_proj(adapter: Adapter) -> Dict[str, torch.Tensor]:
+def original_image_proj(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The projection's weights under the original checkpoint's names."""
     state = {k: v.detach().float().cpu() for k, v in adapter.projection.state_dict().items()}
     if adapter.format == "base":
@@ -56,7 +55,7 @@ def original_image_proj(adapter: Adapter) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _flat(image_proj: dict, ip: dict) -> Dict[str, torch.Tensor]:
+def _flat(image_proj: dict, ip: dict) -> dict[str, torch.Tensor]:
     flat = {f"image_proj.{k}": v for k, v in image_proj.items()}
     flat.update({f"ip_adapter.{k}": v for k, v in ip.items()})
     return {k: v.contiguous() for k, v in flat.items()}
@@ -66,7 +65,7 @@ def _layer(site) -> torch.nn.Module:
     return site.module.processor
 
 
-def export_states(adapter: Adapter) -> Dict[str, Dict[str, torch.Tensor]]:
+def export_states(adapter: Adapter) -> dict[str, dict[str, torch.Tensor]]:
     """``{file name: flat state dict}`` for both exports."""
     image_proj = original_image_proj(adapter)
     ours, everywhere = {}, {}
@@ -87,14 +86,14 @@ def export_states(adapter: Adapter) -> Dict[str, Dict[str, torch.Tensor]]:
     return {OURS: _flat(image_proj, ours), DIFFUSERS: _flat(image_proj, everywhere)}
 
 
-def _metadata(adapter: Adapter, extra: dict) -> Dict[str, str]:
+def _metadata(adapter: Adapter, extra: dict) -> dict[str, str]:
     target = adapter.target if isinstance(adapter.target, (str, list, dict)) else str(adapter.target)
     return {"format": "pt", "instantstyle.target": json.dumps(target), "instantstyle.adapter_format": adapter.format,
             "instantstyle.num_tokens": str(adapter.num_tokens),
             **{f"instantstyle.{k}": json.dumps(v, default=str) for k, v in extra.items()}}
 
 
-def write_exports(adapter: Adapter, folder: str, extra: dict = None) -> Dict[str, str]:
+def write_exports(adapter: Adapter, folder: str, extra: dict | None = None) -> dict[str, str]:
     """Write both files into ``folder`` atomically; returns ``{file name: path}``."""
     from safetensors.torch import save
 

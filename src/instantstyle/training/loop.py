@@ -1,4 +1,4 @@
-"""One training step: frozen encoders -> noisy latents -> the UNet with the adapter -> loss.
+"""One training step: frozen encoders -> noisy latents -> the UNet with the adapter (or LoRA) -> loss.
 
 * **Loss**: MSE against the scheduler's target: ε (``epsilon``), v (``v_prediction``,
   ``scheduler.get_velocity``) or the clean latents (``sample``), per the model's scheduler
@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +81,8 @@ def draw(seed: int, global_index: int, drops: Drops, train_steps: int, latent_sh
 
 
 class Conditioner:
-    """The frozen models of a pipeline, turning samples into UNet inputs (no grad anywhere)."""
+    """The frozen models of a pipeline, turning samples into UNet inputs (no grad anywhere).
+    ``image_encoder`` None: text only (LoRA training)."""
 
     def __init__(self, pipe, image_encoder, image_processor, fmt: str, device, weight_dtype=torch.float32):
         self.pipe, self.encoder, self.processor, self.format = pipe, image_encoder, image_processor, fmt
@@ -97,7 +97,7 @@ class Conditioner:
         return (self.pipe.vae.config.latent_channels, resolution // self.vae_scale, resolution // self.vae_scale)
 
     @torch.no_grad()
-    def text(self, captions: List[str]):
+    def text(self, captions: list[str]):
         """``(prompt_embeds, pooled or None)`` through the pipeline's own ``encode_prompt``."""
         if self.sdxl:
             embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=captions, device=self.device, num_images_per_prompt=1,
@@ -163,8 +163,9 @@ def micro_step(model, conditioner: Conditioner, scheduler, samples, seed: int, d
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(scheduler, latents, noise, timesteps)
     prompt_embeds, pooled = conditioner.text(captions)
-    image_embeds = conditioner.image_embeds([s.clip_image for s in samples], drop_image)
-    added = {"image_embeds": [image_embeds]}
+    added = {}
+    if conditioner.encoder is not None:  # LoRA training has no image branch
+        added["image_embeds"] = [conditioner.image_embeds([s.clip_image for s in samples], drop_image)]
     if pooled is not None:
         added["text_embeds"] = pooled
         added["time_ids"] = torch.stack([s.time_ids for s in samples]).to(device, dtype=prompt_embeds.dtype)
@@ -176,7 +177,7 @@ def micro_step(model, conditioner: Conditioner, scheduler, samples, seed: int, d
 
 def train_step(step: int, model, accelerator, optimizer, lr_scheduler, conditioner, scheduler, load, *, seed: int,
                global_batch: int, accumulation: int, drops: Drops, noise_offset: float, resolution: int,
-               max_grad_norm: Optional[float] = None) -> float:
+               max_grad_norm: float | None = None) -> float:
     """One optimiser step over the global batch of ``step``; returns the global mean loss."""
     total = torch.zeros((), device=accelerator.device)
     for micro in range(accumulation):

@@ -1,5 +1,5 @@
 """Time and peak memory of one training step: style-block-only targets vs every cross-attention
-layer (the original recipe).
+layer (the original recipe), and a rank-64 B-LoRA on the style block (``train-lora``, with peft).
 
     python -m instantstyle.training.measure            # CPU: reduced SDXL layout, a table
     python -m instantstyle.training.measure --device cuda --full   # the real SDXL config
@@ -34,7 +34,10 @@ SDXL_UNET = dict(
 #: the bench's reduced layout (``bench/suite_unet.py``): same module names, a fraction of the work
 REDUCED_UNET = dict(SDXL_UNET, block_out_channels=(32, 64, 128), attention_head_dim=(1, 1, 2),
                     transformer_layers_per_block=(1, 1, 2), sample_size=32)
-TARGETS = {"style": "style", "all": "all"}
+#: row -> (what trains, target): an IP-Adapter into the style block or every layer (the original
+#: recipe), or a rank-64 B-LoRA on the style block (``train-lora --target b-lora-style``)
+TARGETS = {"style": ("ip", "style"), "all": ("ip", "all"), "b-lora-style": ("lora", "b-lora-style")}
+LORA_RANK = 64
 IMAGE_EMBED_DIM, TEXT_TOKENS = 1280, 77
 
 
@@ -76,7 +79,13 @@ def measure_one(target: str, device: str = "cpu", full: bool = False, batch: int
     unet = UNet2DConditionModel(**(SDXL_UNET if full else REDUCED_UNET)).to(device)
     if full and device.startswith("cuda"):
         unet.half()
-    adapter = install_adapter(unet, TARGETS[target], "base", SimpleNamespace(projection_dim=IMAGE_EMBED_DIM), seed=0)
+    kind, where = TARGETS[target]
+    if kind == "ip":
+        layers = len(install_adapter(unet, where, "base", SimpleNamespace(projection_dim=IMAGE_EMBED_DIM), seed=0).weights)
+    else:
+        from .lora import install_lora
+
+        layers = len(install_lora(unet, where, rank=LORA_RANK, seed=0))  # LoRA'd projections
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -90,7 +99,8 @@ def measure_one(target: str, device: str = "cpu", full: bool = False, batch: int
                   encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cross, generator=g).to(device, dtype),
                   added_cond_kwargs={"text_embeds": torch.randn(batch, 1280, generator=g).to(device, dtype),
                                      "time_ids": torch.tensor([[latent * 8.0, latent * 8.0, 0, 0, latent * 8.0, latent * 8.0]] * batch).to(device, dtype),
-                                     "image_embeds": [torch.randn(batch, 1, IMAGE_EMBED_DIM, generator=g).to(device)]})
+                                     **({"image_embeds": [torch.randn(batch, 1, IMAGE_EMBED_DIM, generator=g).to(device)]}
+                                        if kind == "ip" else {})})
     target_noise = torch.randn(batch, 4, latent, latent, generator=g).to(device)
 
     def step():
@@ -122,7 +132,7 @@ def measure_one(target: str, device: str = "cpu", full: bool = False, batch: int
             times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if cuda else rss.peak) - before
     times.sort()
-    return {"target": target, "layers": len(adapter.weights), "trained_params": sum(p.numel() for p in params),
+    return {"target": target, "layers": layers, "trained_params": sum(p.numel() for p in params),
             "ip_kv_params": sum(p.numel() for n, p in trainable_parameters(unet) if "_ip." in n),
             "ms_median": 1000 * times[len(times) // 2], "ms_min": 1000 * times[0], "peak_mb": peak / 2**20,
             "device": device, "config": "sdxl" if full else "reduced", "latent": latent, "batch": batch,
@@ -131,8 +141,8 @@ def measure_one(target: str, device: str = "cpu", full: bool = False, batch: int
 
 def table(rows) -> str:
     base = {r["target"]: r for r in rows}.get("all")
-    lines = ["| targets | IP layers | IP K/V params | trained params (with projection) | step (ms, median) "
-             "| peak memory (MiB) |", "|---|---|---|---|---|---|"]
+    lines = [("| targets | IP layers (LoRA: projections) | IP K/V params | trained params | step (ms, median) "
+              "| peak memory (MiB) |"), "|---|---|---|---|---|---|"]
     for r in rows:
         rel = (f" ({r['ms_median'] / base['ms_median']:.2f}x)" if base else "", f" ({r['peak_mb'] / base['peak_mb']:.2f}x)"
                if base and base["peak_mb"] > 0 else "")
@@ -158,7 +168,10 @@ def main(argv=None) -> int:
                                      checkpointing=args.gradient_checkpointing)))
         return 0
     rows = []
-    for target in ("style", "all"):  # one process each: memory peaks must not see each other
+    import importlib.util
+
+    rows_wanted = ["style", "all"] + (["b-lora-style"] if importlib.util.find_spec("peft") else [])
+    for target in rows_wanted:  # one process each: memory peaks must not see each other
         cmd = [sys.executable, "-m", "instantstyle.training.measure", "--one", target, "--device", args.device,
                "--batch", str(args.batch), "--latent", str(latent), "--steps", str(args.steps)]
         cmd += ["--full"] * args.full + ["--gradient-checkpointing"] * args.gradient_checkpointing

@@ -18,7 +18,6 @@ UNet (``up_blocks.0.attentions.1.transformer_blocks.0.attn2.processor.to_k_ip.0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
 
 import torch
 
@@ -39,9 +38,9 @@ class Adapter:
 
     format: str
     target: object  # as given
-    weights: Dict[str, float]  # target site name -> weight
-    sites: List[AttentionSite]  # every IP site, in checkpoint key-id order
-    key_ids: Dict[str, int]  # site name -> id in the original layout
+    weights: dict[str, float]  # target site name -> weight
+    sites: list[AttentionSite]  # every IP site, in checkpoint key-id order
+    key_ids: dict[str, int]  # site name -> id in the original layout
     projection: torch.nn.Module
     encoder_width: int  # what the projection reads: projection_dim (base) or hidden_size (plus)
 
@@ -55,9 +54,12 @@ def plus_width(cross_attention_dim: int) -> int:
     return max(PLUS_HEAD_DIM, min(1280, -(-cross_attention_dim // PLUS_HEAD_DIM) * PLUS_HEAD_DIM))
 
 
-def build_projection(fmt: str, encoder_config, cross_attention_dim: int) -> Tuple[torch.nn.Module, int]:
+def build_projection(fmt: str, encoder_config, cross_attention_dim: int) -> tuple[torch.nn.Module, int]:
     """``(projection, width it reads)`` with diffusers' default initialisation."""
-    from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
+    from diffusers.models.embeddings import (
+        ImageProjection,
+        IPAdapterPlusImageProjection,
+    )
 
     if fmt == "base":
         width = int(encoder_config.projection_dim)
@@ -120,17 +122,17 @@ def install_adapter(unet, target, fmt: str, encoder_config, seed: int = 0, arch=
     return Adapter(fmt, target, weights, sites, ip_key_ids(unet), projection, width)
 
 
-def trainable_parameters(model) -> List[Tuple[str, torch.nn.Parameter]]:
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     """``[(name, parameter)]`` of everything that trains, in a fixed order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def trainable_state(model) -> Dict[str, torch.Tensor]:
+def trainable_state(model) -> dict[str, torch.Tensor]:
     """Detached float32 CPU copies of the trained weights, by name."""
     return {n: p.detach().float().cpu().contiguous() for n, p in trainable_parameters(model)}
 
 
-def load_trainable_state(model, state: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_trainable_state(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Copy ``state`` into the trained weights; names and shapes must match exactly."""
     params = dict(trainable_parameters(model))
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))

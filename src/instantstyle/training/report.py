@@ -4,15 +4,14 @@
   (``time``: seconds of training since the run began, across resumes).  A resumed run first
   drops the lines after its checkpoint (those steps are trained again), so the steps in the
   file are always 1, 2, 3, ... once each.
-* ``OUT/validation/step-<N>.png``: one row per reference image, one column per prompt, made
-  with the pipeline itself (the trained adapter in place) from fixed seeds.
+* ``OUT/validation/step-<N>.png``: one row per reference image (LoRA: one row), one column per
+  prompt, made with the pipeline itself (the trained adapter or LoRA in place) from fixed seeds.
 * ``OUT/loss.png``: loss over steps (matplotlib, Agg backend), at the end of a run.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional
 
 import torch
 
@@ -21,7 +20,7 @@ from ..pipelines.outputs import atomic_write_bytes, save_image
 METRICS = "metrics.jsonl"
 
 
-def read_metrics(out_dir: str) -> List[dict]:
+def read_metrics(out_dir: str) -> list[dict]:
     """Complete lines of ``metrics.jsonl`` (a line cut by a kill is left out)."""
     path = os.path.join(out_dir, METRICS)
     rows = []
@@ -56,7 +55,7 @@ class MetricsWriter:
         self.file.close()
 
 
-def plot_loss(out_dir: str) -> Optional[str]:
+def plot_loss(out_dir: str) -> str | None:
     """``OUT/loss.png`` from ``metrics.jsonl``; None when matplotlib is missing or nothing ran."""
     rows = read_metrics(out_dir)
     try:
@@ -108,18 +107,20 @@ def validation_grid(pipe, conditioner, references, prompts, resolution: int, ste
     from PIL import Image
 
     images = []
-    for r, reference in enumerate(references):
-        with Image.open(reference) as opened:
-            image = opened.convert("RGB")
-        embeds = conditioner.image_embeds([image], torch.tensor([False]))
-        if guidance > 1:
-            negative = conditioner.image_embeds([image], torch.tensor([True]))
-            embeds = torch.cat([negative, embeds])
+    for r, reference in enumerate(references or [None]):  # no references (LoRA): one row of prompts
+        extra = {}
+        if reference is not None:
+            with Image.open(reference) as opened:
+                image = opened.convert("RGB")
+            embeds = conditioner.image_embeds([image], torch.tensor([False]))
+            if guidance > 1:
+                negative = conditioner.image_embeds([image], torch.tensor([True]))
+                embeds = torch.cat([negative, embeds])
+            extra["ip_adapter_image_embeds"] = [embeds.to(pipe.unet.dtype)]
         for p, prompt in enumerate(prompts):
             generator = torch.Generator(device="cpu").manual_seed(seed + r * len(prompts) + p)
-            images.append(pipe(prompt=prompt, ip_adapter_image_embeds=[embeds.to(pipe.unet.dtype)], height=resolution,
-                               width=resolution, num_inference_steps=steps, guidance_scale=guidance,
-                               generator=generator).images[0])
+            images.append(pipe(prompt=prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                               guidance_scale=guidance, generator=generator, **extra).images[0])
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    save_image(grid(images, len(references), len(prompts)), out_path)
+    save_image(grid(images, max(1, len(references)), len(prompts)), out_path)
     return out_path

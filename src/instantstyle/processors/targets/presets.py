@@ -27,6 +27,12 @@ PRESETS: Dict[str, Dict[str, Tuple[str, ...]]] = {
         "layout": ("down_blocks.2.attentions.1",),
         "style+layout": ("up_blocks.0.attentions.1", "down_blocks.2.attentions.1"),
         "all": ALL,
+        # B-LoRA (Frenkel et al., "Implicit Style-Content Separation using B-LoRA", ECCV 2024):
+        # LoRAs trained only in these two blocks of SDXL separate content (attentions.0) from
+        # style (attentions.1); `instantstyle train-lora` trains them, `load_b_lora` loads one.
+        "b-lora-content": ("up_blocks.0.attentions.0",),
+        "b-lora-style": ("up_blocks.0.attentions.1",),
+        "b-lora": ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1"),
     },
     "sd15": {
         "style": ("up_blocks.1",),
