@@ -20,11 +20,12 @@ from typing import Dict, List, Optional
 import torch
 
 from ..processors.core import diffusers_compat
-from ..processors.core.gating import StepGate
+from ..processors.core.gating import StepGate, ramp_arguments
 from ..processors.core.model_state import choose_caches, ensure_step_hook
 from ..processors.core.models import transformer_family, unet_of
 from ..processors.targets.registry import registry_of
 from ..processors.targets.sites import ip_key_ids, ip_sites
+from ..processors.targets.weight_types import check_embeds_scaling, swapped_modules
 from ..processors.unet.fused_processor import FusedIPAdapterAttnProcessor
 from ..processors.unet.image_projection import CachedImageProjection
 from .checkpoints import (
@@ -33,6 +34,13 @@ from .checkpoints import (
     layer_weights,
     num_image_tokens,
     read_checkpoint,
+)
+from .controls import (
+    apply_embeds_scaling,
+    apply_weight_type,
+    set_embeds_scaling,
+    set_weight_type,
+    site_values,
 )
 from .report import (
     SavingsReport,
@@ -103,6 +111,11 @@ def load_ip_adapter(
     end_at=1.0,
     arch: Optional[str] = None,
     caches: Optional[bool] = None,
+    weight_type: str | None = None,
+    weight: float = 1.0,
+    composition_weight: float | None = None,
+    embeds_scaling: str = "V only",
+    ramp=None,
     **hub_kwargs,
 ) -> LoadReport:
     """Load one or several IP-Adapters, each into its own target layers only.
@@ -135,6 +148,14 @@ def load_ip_adapter(
             when present; a state dict carries none.  Flux/SD3: next to the adapter first,
             else a folder or hub id of its own (CLIP ViT-L for XLabs, SigLIP for InstantX,
             checked before loading); the default is optional there.
+        weight_type, weight, composition_weight: a ComfyUI weight type (``controls``,
+            README "Controls"); its per-module values replace the layer scales.  With the
+            default ``target="all"`` IP weights are held only where the type is non-zero;
+            ``target="*"`` holds them everywhere (to switch types later).
+        embeds_scaling: ``V only`` (default), ``K+V``, ``K+V w/ C penalty``,
+            ``K+mean(V) w/ C penalty``.
+        ramp: None, ``"linear"`` / ``"ease"`` (the weight goes from 1 at ``start_at`` to 0
+            at ``end_at``) or ``(kind, from, to)``; read on the device (``gating``).
         **hub_kwargs: ``cache_dir``, ``force_download``, ``proxies``, ``local_files_only``,
             ``token``, ``revision`` (``HF_HUB_OFFLINE=1`` reads the local cache only).
 
@@ -143,10 +164,28 @@ def load_ip_adapter(
     """
     from .hub import attach_encoder, find_image_encoder, resolve_checkpoints
 
+    check_embeds_scaling(embeds_scaling)
+    ramp_kwargs = ramp_arguments(ramp)
+    control = None
+    if weight_type is not None:  # checked (names, arch) before anything is loaded
+        control = site_values(unet_of(model_or_pipeline), weight_type, weight, composition_weight, arch)
+        # UNets: weights only where the type is non-zero ("*" holds them everywhere).  Flux/SD3
+        # hold them on every layer the checkpoint can fill (XLabs: double blocks only), and a
+        # layer at 0 still does no IP work
+        if target == "all" and transformer_family(unet_of(model_or_pipeline)) is None:
+            patterns = [name[: -len(".processor")] for name, v in control.items() if v != 0]
+            target = [patterns] * len(checkpoint) if isinstance(checkpoint, (list, tuple)) else patterns
+    if embeds_scaling != "V only" and transformer_family(unet_of(model_or_pipeline)) == "sd3":
+        raise ValueError(f"embeds_scaling: SD3.5 IP layers take 'V only', got {embeds_scaling!r}")
     if transformer_family(unet_of(model_or_pipeline)) is not None:  # Flux / SD3.5: loaders/transformer.py
-        return load_transformer_ip_adapter(model_or_pipeline, checkpoint, target, scale, subfolder=subfolder, weight_name=weight_name,
+        report = load_transformer_ip_adapter(model_or_pipeline, checkpoint, target, scale, subfolder=subfolder, weight_name=weight_name,
                                            image_encoder_folder=image_encoder_folder, start_at=start_at, end_at=end_at, arch=arch,
-                                           caches=caches, **hub_kwargs)
+                                           caches=caches, ramp=ramp, embeds_scaling=embeds_scaling, **hub_kwargs)
+        if control is not None:
+            set_weight_type(model_or_pipeline, weight_type, weight, composition_weight)
+        if embeds_scaling != "V only":
+            set_embeds_scaling(model_or_pipeline, embeds_scaling)
+        return report
     unet = unet_of(model_or_pipeline)
     check_caches_argument(caches)
     checkpoints = resolve_checkpoints(checkpoint, subfolder, weight_name, **hub_kwargs)  # files or state dicts
@@ -157,7 +196,11 @@ def load_ip_adapter(
     train_steps = getattr(getattr(model_or_pipeline, "scheduler", None), "config", {}).get("num_train_timesteps", 1000)
     # plan and check: nothing below touches the pipeline until every check passed, so a bad
     # checkpoint, target or encoder leaves it as it was
-    plan = _plan(unet, states, targets, scales, [StepGate(s, e, train_steps) for s, e in zip(starts, ends)], arch)
+    plan = _plan(unet, states, targets, scales, [StepGate(s, e, train_steps, **ramp_kwargs) for s, e in zip(starts, ends)], arch)
+    adapters = list(range(len(states)))
+    if control is not None:  # on the planned processors: the model is untouched if this fails
+        apply_weight_type(plan.procs, control, swapped_modules(registry_of(unet, arch).arch, weight_type), adapters)
+    apply_embeds_scaling({k: p for k, p in plan.procs.items() if isinstance(p, FusedIPAdapterAttnProcessor)}, embeds_scaling, adapters)
     encoder = find_image_encoder(model_or_pipeline, checkpoint, subfolder, image_encoder_folder, **hub_kwargs)
     check_encoder_width(encoder if encoder is not None else getattr(model_or_pipeline, "image_encoder", None), states)
     if image_encoder_folder is not None:

@@ -13,7 +13,7 @@ import torch
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
 from ..processors.core import diffusers_compat
-from ..processors.core.gating import StepGate
+from ..processors.core.gating import StepGate, ramp_arguments
 from ..processors.core.model_state import choose_caches, ensure_step_hook
 from ..processors.core.models import transformer_family, unet_of
 from ..processors.targets.registry import registry_of
@@ -62,7 +62,8 @@ def _restrict(weights: dict, capable: set, target, fmt: str, source: str) -> dic
 
 def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", scale=1.0, *, subfolder=None, weight_name=None,
                                 image_encoder_folder: Optional[str] = "image_encoder", start_at=0.0, end_at=1.0,
-                                arch: Optional[str] = None, caches: Optional[bool] = None, **hub_kwargs) -> TransformerLoadReport:
+                                arch: Optional[str] = None, caches: Optional[bool] = None, ramp=None,
+                                embeds_scaling: str = "V only", **hub_kwargs) -> TransformerLoadReport:
     """See :func:`instantstyle.loaders.load_ip_adapter`; for Flux and SD3 transformers.
     A pipeline without an image encoder gets one from ``image_encoder_folder``
     (:func:`~instantstyle.loaders.hub.find_dit_image_encoder`: next to the adapter, or a
@@ -87,7 +88,7 @@ def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", sca
     if family == "sd3" or any(sd3.is_sd3_checkpoint(s) for s, _ in states):
         if family != "sd3":
             raise ValueError(f"checkpoint: {states[0][1]} is an SD3 IP-Adapter, the model is a {type(model).__name__}")
-        if any(s != 0.0 for s in starts) or any(e != 1.0 for e in ends):
+        if any(s != 0.0 for s in starts) or any(e != 1.0 for e in ends) or ramp is not None:
             raise ValueError(f"start_at/end_at: step gating is not supported for SD3 IP-Adapters yet, got {start_at}/{end_at}")
         new, projection, held, all_params = sd3.plan(model, states, sites, weights, scales)
         fmt, tokens = "instantx-sd3", [sd3.num_tokens(states[0][0])]
@@ -97,10 +98,13 @@ def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", sca
         if len(set(fmts)) > 1:
             raise ValueError(f"checkpoint: expected one Flux format for all checkpoints, got {fmts}")
         fmt = fmts[0]
+        if embeds_scaling != "V only" and fmt != "xlabs":  # refused before the model is touched
+            raise ValueError(f"embeds_scaling: {fmt} Flux IP layers take 'V only' (XLabs' take every mode), "
+                             f"got {embeds_scaling!r}")
         capable = {s.name for s in flux.capable_sites(fmt, sites)}
         weights = [_restrict(w, capable, t, fmt, src) for w, t, (_, src) in zip(weights, targets, states)]
         # Flux's transformer gets sigma in [0, 1] as its timestep: gate on that scale
-        gates = [StepGate(s, e, 2) for s, e in zip(starts, ends)]
+        gates = [StepGate(s, e, 2, **ramp_arguments(ramp)) for s, e in zip(starts, ends)]
         gates = [None if g.always_open else g for g in gates]
         new, projections, held, all_params, tokens = flux.plan(model, states, fmt, sites, weights, scales, gates)
         projection = MultiIPAdapterImageProjection(projections)

@@ -11,6 +11,12 @@ reads.  The forward never branches on a scale's *value* under ``torch.compile``,
 compiled graph takes the buffer as an input (no recompile when a scale changes, no
 scale-0 branch baked in), and the buffer is updated in place so a CUDA graph that
 captured its address reads the new values.
+
+Per adapter, ``embeds_scaling`` says where the scale enters (``embeds_scaling``: output,
+K and V, with or without the C penalty, mean(V)), and ``swap_halves`` turns on the
+precise weight types' CFG-half swap (:func:`swap_halves`).  A layer whose held adapters
+are all at scale 0 returns no stream before any other work (eager; read from a tuple
+kept with the scales, never from a tensor).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 from diffusers.image_processor import IPAdapterMaskProcessor
 
 from .contributors import AttentionCall, Contributor
+from .embeds_scaling import V_ONLY, scale_embeds
 from .projections import linear, plain_linear, weights
 from .step_cache import StepCache
 from .validation import describe, require_scale
@@ -64,6 +71,8 @@ class IPAdapterStreams(Contributor):
         self.num_tokens = num_tokens
         self.scale = scale
         self.gates: List = [None] * n
+        self.embeds_scaling: list[str] = [V_ONLY] * n  # per adapter, see ``embeds_scaling``
+        self.swap_halves: list[bool] = [False] * n  # per adapter: the precise types' CFG-half swap
         self.kv_caches = [StepCache() for _ in adapter_ids]  # per held adapter: K/V of unchanged IP tokens
 
     # -- scales ---------------------------------------------------------------------------
@@ -83,6 +92,8 @@ class IPAdapterStreams(Contributor):
 
     def _sync_scale(self) -> None:
         rows = [v if isinstance(v, list) else [v] for v in self._scale]
+        # per adapter: every scale 0, read by the eager skip (a tuple: no per-call list walk)
+        self.__dict__["_off"] = tuple(all(x == 0 for x in r) for r in rows)
         width = max([len(r) for r in rows] + [1])
         # a per-image list is only meaningful with masks; pad rows with their last value
         table = torch.tensor([r + r[-1:] * (width - len(r)) if r else [0.0] * width for r in rows], dtype=torch.float32)
@@ -104,6 +115,17 @@ class IPAdapterStreams(Contributor):
 
     def _adapter_scale(self, adapter: int, image: int = 0) -> torch.Tensor:
         """0-D tensor: the scale of ``adapter`` (and masked ``image``) times its step gate."""
+        return self._gated(self._scale_cell(adapter, image), adapter)
+
+    def _gated(self, value, adapter: int):
+        gate = self.gates[adapter] if adapter < len(self.gates) else None
+        if gate is None:
+            return value
+        gate_value = gate.value.to(value.device) if isinstance(value, torch.Tensor) else gate.value
+        return value * gate_value
+
+    def _scale_cell(self, adapter: int, image: int = 0) -> torch.Tensor:
+        """0-D tensor: the ungated scale of ``adapter`` (and masked ``image``), a view of the buffer."""
         bits = self._buffers["scale_bits"]
         cells = self.__dict__.get("_scale_cells")
         if cells is None or cells[0] is not bits:  # views of the buffer, rebuilt when it is replaced
@@ -114,17 +136,14 @@ class IPAdapterStreams(Contributor):
             if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
                 self.__dict__["_scale_cells"] = cells
         row = cells[1][adapter]
-        value = row[min(image, len(row) - 1)]
-        gate = self.gates[adapter] if adapter < len(self.gates) else None
-        return value if gate is None else value * gate.value.to(value.device)
+        return row[min(image, len(row) - 1)]
 
     def _is_off(self, adapter: int) -> bool:
         """Eager mode skips an adapter whose scale is 0, as diffusers does (K/V projection
         included).  Under torch.compile the value is not read, see the module doc."""
         if torch.compiler.is_compiling():
             return False
-        s = self._scale[adapter]
-        return all(x == 0 for x in s) if isinstance(s, list) else s == 0
+        return self._off[adapter]
 
     # -- masks ------------------------------------------------------------------------------
     def _masks(self, ip_adapter_masks, ip_states) -> list:
@@ -166,25 +185,43 @@ class IPAdapterStreams(Contributor):
     def streams(self, call: AttentionCall):
         if not self.adapter_ids or not call.ip_states:
             return []
+        if not torch.compiler.is_compiling() and all(self._off[a] for a in self.adapter_ids):
+            return []  # a layer at weight 0 (drop-in gating, a weight type's missing module): no IP work
         masks = self._masks(call.ip_adapter_masks, call.ip_states)
         self._check_scales(masks)
         batch, n, heads, head_dim = call.q.shape
+        modes = self.__dict__.get("embeds_scaling") or [V_ONLY] * len(self.num_tokens)
+        swaps = self.__dict__.get("swap_halves") or [False] * len(self.num_tokens)
         out = []  # (ip_k, ip_v, scale, mask): one softmax each
         # zip over the ModuleLists: indexing one costs microseconds of Python per call
         for adapter, to_k, to_v, cache in zip(self.adapter_ids, self.to_k_ip, self.to_v_ip, self.kv_caches):
             if adapter >= len(call.ip_states) or self._is_off(adapter):
                 continue
             states, mask = call.ip_states[adapter], masks[adapter]
+            if swaps[adapter]:
+                states = swap_halves(states)
             if mask is None:  # all images of the adapter share one softmax
                 project = lambda: (linear(to_k, states), linear(to_v, states))  # noqa: E731
                 # unchanged IP tokens and bare projections: last step's K/V (``step_cache``)
                 bare = plain_linear(to_k) and plain_linear(to_v)
                 k, v = cache.get((states, *weights(to_k), *weights(to_v)), project) if bare else project()
-                out.append((k.view(batch, -1, heads, head_dim), v.view(batch, -1, heads, head_dim), self._adapter_scale(adapter), None))
+                k, v, factor = scale_embeds(k, v, self._scale_cell(adapter), modes[adapter])
+                out.append((k.view(batch, -1, heads, head_dim), v.view(batch, -1, heads, head_dim), self._gated(factor, adapter), None))
                 continue
             for i in range(mask.shape[1]):  # with masks, one softmax, scale and mask per image
                 m = IPAdapterMaskProcessor.downsample(mask[:, i], batch, n, 1).reshape(batch, n)
-                k = to_k(states[:, i]).view(batch, -1, heads, head_dim)
-                v = to_v(states[:, i]).view(batch, -1, heads, head_dim)
-                out.append((k, v, self._adapter_scale(adapter, i), m.to(call.q.device)))
+                k, v, factor = scale_embeds(to_k(states[:, i]), to_v(states[:, i]), self._scale_cell(adapter, i), modes[adapter])
+                out.append((k.view(batch, -1, heads, head_dim), v.view(batch, -1, heads, head_dim), self._gated(factor, adapter),
+                            m.to(call.q.device)))
         return out
+
+
+def swap_halves(states: torch.Tensor) -> torch.Tensor:
+    """The precise types' swap on a CFG batch ``[uncond ; cond]``: the unconditional half
+    gets the conditional half's image tokens, the conditional half zeros (ComfyUI's
+    ``uncond = cond; cond = cond * 0``).  An odd batch (no CFG) is left alone."""
+    half, odd = divmod(states.shape[0], 2)
+    if odd or not half:
+        return states
+    cond = states[half:]
+    return torch.cat([cond, torch.zeros_like(cond)])
