@@ -57,7 +57,14 @@ def test_rows_carry_metadata(rows):
 
 
 def test_every_suite_ran(rows):
-    assert {r["suite"] for r in rows} == {"kernel", "processor", "unet", "host", "train"}
+    assert {r["suite"] for r in rows} == {"kernel", "processor", "unet", "host", "train", "pack"}
+
+
+def test_pack_rows(rows):
+    for case in ("pack-2", "pack-4"):
+        base, packed = _row(rows, "pack", case, "one-by-one"), _row(rows, "pack", case, "packed")
+        assert base["baseline"] and base["status"] == packed["status"] == "ok"
+        assert packed["speedup"] == pytest.approx(base["ms"] / packed["ms"])
 
 
 def test_host_rows(rows):

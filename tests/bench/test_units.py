@@ -149,6 +149,13 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     assert "usage:" in err and message in err
 
 
+@pytest.mark.parametrize("name", ["pack-2", "ip-layer", "style"])
+def test_every_suites_case_names_are_known_to_shape(name):
+    from instantstyle.bench.cli import _shape_filter
+
+    assert _shape_filter(name) == name
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_cuda_without_gpu_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exc:

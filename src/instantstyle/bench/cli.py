@@ -42,10 +42,11 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 def _known_case_names() -> List[str]:
     from .shapes import all_shape_names
     from .suite_host import CASES as HOST_CASES
+    from .suite_pack import CASES as PACK_CASES
     from .suite_processor import CASES
     from .suite_unet import PRESETS
 
-    return all_shape_names() + [c.name for c in CASES] + list(PRESETS) + HOST_CASES
+    return all_shape_names() + [c.name for c in CASES] + list(PRESETS) + HOST_CASES + PACK_CASES
 
 
 def _shape_filter(value: str) -> str:

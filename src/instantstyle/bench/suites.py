@@ -139,6 +139,7 @@ SUITE_CLASSES: Dict[str, str] = {
     "unet": "instantstyle.bench.suite_unet:UNetSuite",
     "host": "instantstyle.bench.suite_host:HostSuite",
     "train": "instantstyle.bench.suite_train:TrainSuite",
+    "pack": "instantstyle.bench.suite_pack:PackSuite",
 }
 
 

@@ -40,6 +40,9 @@ SUMMARY = "summary.json"
 STATUSES = ("ok", "skipped", "stale", "failed")
 #: per-row fields a run-wide flag gives a default for (``--scale`` for ``scale``, ...)
 ROW_DEFAULTS = ("negative_prompt", "scale", "target", "content_prompt", "content_scale")
+#: the IP-Adapter controls and the negative style image: per row or from a flag, and in the
+#: settings (and so the hash) only when set, so rows made before they existed keep their hash
+CONTROL_DEFAULTS = ("weight_type", "embeds_scaling", "composition_weight", "negative_style")
 
 
 class OutsideOut(ValueError):
@@ -77,11 +80,18 @@ def output_path(out_dir: str, job: Job, ext: str) -> str:
 def effective_settings(job: Job, seed: int, defaults: dict) -> dict:
     """Everything that decides the row's image: its fields, the flags' defaults for the fields it
     leaves out, and the run-wide settings in ``defaults`` (model, steps, size, ...)."""
-    settings = {k: v for k, v in defaults.items() if k not in ROW_DEFAULTS}
+    settings = {k: v for k, v in defaults.items() if k not in ROW_DEFAULTS + CONTROL_DEFAULTS}
     for key in ROW_DEFAULTS:
         value = getattr(job, key)
         settings[key] = value if value is not None else defaults.get(key)
+    for key in CONTROL_DEFAULTS:
+        value = getattr(job, key, None)
+        value = value if value is not None else defaults.get(key)
+        if value is not None:
+            settings[key] = value
     settings.update(prompt=job.prompt, style=list(job.style), seed=seed)
+    if getattr(job, "frames", None) is not None:  # a video row's own frame count (else --frames, in defaults)
+        settings["frames"] = job.frames
     return settings
 
 
@@ -146,16 +156,30 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:500]}"
 
 
-def _run_row(job: Job, out_dir: str, ext: str, base_seed: int, rank: int, generate, save, defaults: dict,
-             redo: bool, digests: Dict[str, str]) -> RowResult:
-    """One row, start to end; raises for a failing row (the caller records it)."""
+@dataclass
+class _Pending:
+    """A row that is to run: what its image's record needs."""
+    job: Job
+    seed: int
+    image_path: str
+    sidecar: str
+    error_path: str
+    settings: dict
+    digest: str
+    redone: bool
+
+
+def _prepare_row(job: Job, out_dir: str, ext: str, base_seed: int, rank: int, defaults: dict, redo: bool,
+                 digests: Dict[str, str]):
+    """A row's result when it needs no run (skipped, stale), else its :class:`_Pending`; raises for a bad row."""
     if job.error is not None:
         raise ValueError(job.error)
     seed = row_seed(job, base_seed)
     image_path = output_path(out_dir, job, ext)
     sidecar, error_path = out_file(out_dir, job.name + ext + ".json"), out_file(out_dir, job.name + ext + ".error.json")
     settings = effective_settings(job, seed, defaults)
-    digest = settings_hash(settings, [_file_digest(p, digests) for p in job.style])
+    images = list(job.style) + ([settings["negative_style"]] if settings.get("negative_style") else [])
+    digest = settings_hash(settings, [_file_digest(p, digests) for p in images])
     done = completed_record(image_path)
     if done is not None and done.get("settings_hash") == digest:
         return RowResult(job.index, job.name, "skipped", rank, seed, "already complete")
@@ -163,43 +187,71 @@ def _run_row(job: Job, out_dir: str, ext: str, base_seed: int, rank: int, genera
         return RowResult(job.index, job.name, "stale", rank, seed,
                          "changed since its image was made (settings hash differs); --no-redo kept the old image: "
                          "rerun without --no-redo to redo it")
-    start = time.perf_counter()
-    image, details = generate(job, seed)
-    record = {"status": "ok", "row": job.fields(), "seed": seed, "rank": rank, **details,
-              "settings": settings, "settings_hash": digest, "seconds": round(time.perf_counter() - start, 3)}
-    save(image, image_path, record)  # the image first, then its sidecar: the sidecar marks it done
-    write_json(sidecar, record)
-    if os.path.lexists(error_path):
-        os.unlink(error_path)
-    return RowResult(job.index, job.name, "ok", rank, seed, "redone: settings changed" if done else None,
+    return _Pending(job, seed, image_path, sidecar, error_path, settings, digest, done is not None)
+
+
+def _finish_row(row: _Pending, image, details: dict, seconds: float, rank: int, save) -> RowResult:
+    job = row.job
+    record = {"status": "ok", "row": job.fields(), "seed": row.seed, "rank": rank, **details,
+              "settings": row.settings, "settings_hash": row.digest, "seconds": round(seconds, 3)}
+    save(image, row.image_path, record)  # the image first, then its sidecar: the sidecar marks it done
+    write_json(row.sidecar, record)
+    if os.path.lexists(row.error_path):
+        os.unlink(row.error_path)
+    return RowResult(job.index, job.name, "ok", rank, row.seed, "redone: settings changed" if row.redone else None,
                      seconds=record["seconds"])
+
+
+def _run_row(job: Job, out_dir: str, ext: str, base_seed: int, rank: int, generate, save, defaults: dict,
+             redo: bool, digests: Dict[str, str]) -> RowResult:
+    """One row, start to end; raises for a failing row (the caller records it)."""
+    row = _prepare_row(job, out_dir, ext, base_seed, rank, defaults, redo, digests)
+    if isinstance(row, RowResult):
+        return row
+    start = time.perf_counter()
+    image, details = generate(job, row.seed)
+    return _finish_row(row, image, details, time.perf_counter() - start, rank, save)
+
+
+def _failed(job: Job, exc: BaseException, out_dir: str, ext: str, base_seed: int, rank: int) -> RowResult:
+    """A failing row's result, and its error file where it has a name."""
+    reason = _reason(exc)
+    try:
+        seed = row_seed(job, base_seed)
+    except ValueError:
+        seed = None
+    if job.writes_files:
+        try:
+            write_json(out_file(out_dir, job.name + ext + ".error.json"),
+                       {"status": "failed", "row": job.index, "name": job.name, "reason": reason, "rank": rank})
+        except Exception as also:  # e.g. the disk is full: the summary still has the reason
+            reason += f" (and its error file could not be written: {_reason(also)})"
+    return RowResult(job.index, job.name, "failed", rank, seed, reason)
 
 
 def run_shard(jobs: List[Job], out_dir: str, ext: str, base_seed: int, rank: int,
               generate: Callable[[Job, int], tuple], save: Callable[[object, str, dict], None],
               tick: Callable[[], None] = lambda: None, defaults: Optional[dict] = None,
-              redo: bool = True) -> List[RowResult]:
+              redo: bool = True, pack: int = 1, generate_many=None, pack_key=None) -> List[RowResult]:
     """Run this process's rows; ``generate(job, seed) -> (image, details)`` raises on a bad row.
+
+    ``pack`` > 1 with ``generate_many(jobs, seeds) -> [(image, details)]``: rows whose
+    ``pack_key(settings)`` agree run up to ``pack`` at a time in one batched call (see
+    :mod:`.batch_pack`); sidecars, resume and hashes stay per row.
 
     No row ends the run: every exception a row raises (and one its error file raises) is that
     row's ``failed`` result.  ``defaults`` holds the flags' values (see :func:`effective_settings`)."""
+    if pack > 1 and generate_many is not None:
+        from .batch_pack import run_packed
+
+        return run_packed(jobs, out_dir, ext, base_seed, rank, generate, generate_many, save, tick, defaults or {},
+                          redo, pack, pack_key)
     results, digests = [], {}
     for job in jobs:
         try:
             results.append(_run_row(job, out_dir, ext, base_seed, rank, generate, save, defaults or {}, redo, digests))
         except Exception as exc:  # one bad row must not end the run; the summary says why
-            reason = _reason(exc)
-            try:
-                seed = row_seed(job, base_seed)
-            except ValueError:
-                seed = None
-            if job.writes_files:
-                try:
-                    write_json(out_file(out_dir, job.name + ext + ".error.json"),
-                               {"status": "failed", "row": job.index, "name": job.name, "reason": reason, "rank": rank})
-                except Exception as also:  # e.g. the disk is full: the summary still has the reason
-                    reason += f" (and its error file could not be written: {_reason(also)})"
-            results.append(RowResult(job.index, job.name, "failed", rank, seed, reason))
+            results.append(_failed(job, exc, out_dir, ext, base_seed, rank))
         tick()
     return results
 

@@ -25,6 +25,10 @@ bytes: the sidecar keeps their hash) is redone; with --no-redo it is left as it 
 . - _ + = , ( ), not starting with ".", at most 200 bytes; nothing is ever written outside --out.
 Seeds are integers in [0, 2**64 - 1]; -1 is refused (it does not mean random).
 
+Video rows: --format gif or mp4 with a Wan 2.1 I2V --model; a row's style is its first frame,
+scale/target set the image branch per block (default target all), an optional frames field
+(4k+1) overrides --frames:  {"prompt": "a fox runs", "style": "fox.png", "frames": 33, "scale": 0.5}
+
 No row stops the run: a failing row (bad name, field or image, a model error) gets
 <name>.png.error.json (a row without a usable name only its summary entry, under "row-N") and the
 run goes on.  The end: OUT/summary.json (every row: ok, skipped, stale or failed with its reason).
@@ -51,11 +55,22 @@ from .batch import (
     remove_stale_temporaries,
     run_shard,
 )
+from .batch_video import (
+    VIDEO_FORMATS,
+    add_video_arguments,
+    check_image_batch,
+    check_video_batch,
+    is_video,
+    wire_video,
+)
 from .cli_args import (
+    add_control_arguments,
     add_model_arguments,
     add_runtime_arguments,
+    check_controls,
     check_runtime,
     check_seed,
+    control_kwargs,
     device_and_dtype,
     finite,
     hub_kwargs,
@@ -68,7 +83,8 @@ from .stylize_cli import PRESET_CHOICES, open_image
 def add_arguments(parser) -> None:
     parser.add_argument("manifest", metavar="MANIFEST", help="jobs: .jsonl (one JSON object per line) or .csv")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (shared by all processes)")
-    parser.add_argument("--format", choices=[e[1:] for e in IMAGE_FORMATS], default="png", help="image format (default png)")
+    parser.add_argument("--format", choices=[e[1:] for e in IMAGE_FORMATS] + list(VIDEO_FORMATS), default="png",
+                        help="image format (default png); gif or mp4: video rows from a Wan 2.1 I2V --model")
     add_model_arguments(parser)
     g = parser.add_argument_group("defaults of the manifest's optional fields")
     g.add_argument("--seed", type=int, default=0,
@@ -81,20 +97,33 @@ def add_arguments(parser) -> None:
     g.add_argument("--target", action="append", metavar="PATTERN", help="module prefix/glob instead of --preset")
     g.add_argument("--start-at", type=float, default=0.0)
     g.add_argument("--end-at", type=float, default=1.0)
+    add_control_arguments(parser)
+    parser.add_argument("--pack", type=int, default=1, metavar="N",
+                        help="run up to N rows that share the model settings (target, scale, controls, number of style "
+                             "images) in one batched call, each with its own prompt, references and seed (default 1)")
     parser.add_argument("--no-redo", action="store_true",
                         help="leave a row whose settings changed since its image was made as it is (reported "
                              "'stale', exit 1) instead of redoing it")
     add_runtime_arguments(parser)
+    add_video_arguments(parser)
 
 
 def _check(args) -> str:
     """Everything checkable before loading; returns the output folder."""
+    if is_video(args):  # Wan I2V rows: their own checks (batch_video)
+        return check_video_batch(args)
+    check_image_batch(args)
     if not args.ip_adapter:
         raise UserError("--ip-adapter: required")
     if args.target and args.preset:
         raise UserError("--target and --preset: give one (--target names modules, --preset a block preset)")
     finite("--scale", args.scale, 0)
     finite("--content-scale", args.content_scale, 0)
+    check_controls(args)
+    if args.pack < 1:
+        raise UserError(f"--pack: expected a positive integer (rows per batched call), got {args.pack}")
+    if args.negative_style:
+        open_image("--negative-style", args.negative_style)
     check_seed("--seed", args.seed)
     from .cli_args import check_start_end
 
@@ -142,26 +171,39 @@ def _wire(args, state, hub):
         style = InstantStyle(pipe, ip_file, target=defaults["target"], scale=args.scale, image_encoder=encoder.to(device),
                              image_processor=processor, tokenizer=tokenizer, image_encoder_folder=None,
                              text_encoder=text_encoder.to(device) if text_encoder is not None else None,
-                             start_at=args.start_at, end_at=args.end_at)
+                             start_at=args.start_at, end_at=args.end_at, **control_kwargs(args))
     except (ValueError, TypeError, KeyError, NotImplementedError, FileNotFoundError) as exc:
-        raise UserError(f"--ip-adapter / --preset / --target: {exc}") from None
+        raise UserError(f"--ip-adapter / --preset / --target / controls: {exc}") from None
     scheduler = type(pipe.scheduler).__name__
 
-    def generate(job: Job, seed: int):
-        row = effective_settings(job, seed, defaults)  # the settings the sidecar's hash covers
-        images = [open_image("style", p) for p in job.style]
-        style.configure(target=row["target"], scale=row["scale"])
+    def run_rows(jobs: list, seeds: list) -> list:
+        """One pipeline call for ``jobs`` (one, or a pack sharing ``pack_key``): ``[(image, details)]``."""
+        rows = [effective_settings(j, s, defaults) for j, s in zip(jobs, seeds)]  # what each sidecar's hash covers
+        first, one = rows[0], len(jobs) == 1
+        styles = [[open_image("style", p) for p in j.style] for j in jobs]
+        negatives = [open_image("negative_style", r["negative_style"]) if r.get("negative_style") else None for r in rows]
+        target = first["target"]
+        if first.get("weight_type") and jobs[0].target is None and not (args.target or args.preset):
+            target = "all"  # no target asked for: every module the weight type weights (as stylize)
+        style.configure_all(target, first["scale"], **control_kwargs(first))
+        per_row = {"prompt": [j.prompt for j in jobs], "style_images": styles, "negative_style_images": negatives,
+                   "content_prompt": [r["content_prompt"] for r in rows], "content_scale": [r["content_scale"] for r in rows],
+                   "negative_prompt": None if first["negative_prompt"] is None else [r["negative_prompt"] for r in rows],
+                   "generator": [torch.Generator(device="cpu").manual_seed(s) for s in seeds]}
+        if one:  # the one row's values, not lists of one
+            per_row = {k: v if v is None else v[0] for k, v in per_row.items()}
         with use_backend(args.backend):
-            embeds = style.embeds(images, row["content_prompt"], row["content_scale"],
-                                  do_classifier_free_guidance=args.guidance > 1.0)
-            image = pipe(prompt=job.prompt, negative_prompt=row["negative_prompt"],
-                         ip_adapter_image_embeds=embeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                         height=args.height, width=args.width,
-                         generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
-        return image, {"target": style.target, "scale": style.scale, "targets": sorted(style.report.adapters[0].layers),
-                       "backend": args.backend, "scheduler": scheduler, "device": device, "model": args.model,
-                       "ip_adapter": args.ip_adapter}
+            images = style(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                           width=args.width, **per_row).images
+        details = {"target": style.target, "scale": style.scale, "targets": sorted(style.report.adapters[0].layers),
+                   "controls": dict(style.controls), "backend": args.backend, "scheduler": scheduler, "device": device,
+                   "model": args.model, "ip_adapter": args.ip_adapter}
+        return [(image, dict(details)) for image in images]
 
+    def generate(job: Job, seed: int):
+        return run_rows([job], [seed])[0]
+
+    generate.many = run_rows  # --pack: several rows per call
     return generate
 
 
@@ -171,11 +213,30 @@ RUN_SETTINGS = ("model", "ip_adapter", "subfolder", "weight_name", "image_encode
                 "guidance", "height", "width", "dtype", "start_at", "end_at")
 
 
+#: video runs only (None on image runs, so an image row's settings hash is what it was)
+VIDEO_SETTINGS = ("frames", "fps")
+
+
+#: the settings every row of one packed call must share (the rest is per row in one call)
+PER_ROW_IN_A_PACK = ("prompt", "negative_prompt", "seed", "style", "content_prompt", "content_scale", "negative_style")
+
+
+def pack_key(job: Job, settings: dict) -> str:
+    """Rows with equal keys can share one batched call (``--pack``)."""
+    import json
+
+    shared = {k: v for k, v in settings.items() if k not in PER_ROW_IN_A_PACK}
+    return json.dumps([shared, len(job.style), settings.get("negative_prompt") is None], sort_keys=True, default=str)
+
+
 def defaults_of(args) -> dict:
     """The flags' side of every row's effective settings (see ``batch.effective_settings``)."""
+    negative = getattr(args, "negative_style", None)
     return {"negative_prompt": args.negative_prompt, "scale": args.scale, "target": args.target or args.preset or "style",
             "content_prompt": args.content_prompt, "content_scale": args.content_scale,
-            **{k: getattr(args, k, None) for k in RUN_SETTINGS}}
+            **control_kwargs(args), "negative_style": os.path.abspath(negative) if negative else None,
+            **{k: getattr(args, k, None) for k in RUN_SETTINGS},
+            **{k: getattr(args, k) for k in VIDEO_SETTINGS if getattr(args, k, None) is not None}}
 
 
 def argparse_namespace(args, **changes):
@@ -197,7 +258,10 @@ def run(args) -> int:
     with state.split_between_processes(jobs) as mine:  # contiguous, deterministic slices
         mine = list(mine)
     started = time.perf_counter()
-    generate = _wire(args, state, hub_kwargs(args))
+    if is_video(args):
+        generate, save_video_row = wire_video(args, state, hub_kwargs(args), defaults_of(args), effective_settings)
+    else:
+        generate = _wire(args, state, hub_kwargs(args))
     ext = "." + args.format
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "command", "debug") and not callable(v)}
 
@@ -205,9 +269,13 @@ def run(args) -> int:
         save_image(image, path, png_text(dict(record["settings"], scheduler=record.get("scheduler"),
                                               backend=args.backend)))
 
+    if is_video(args):
+        save = save_video_row
+
     with tqdm(total=len(mine), desc=f"stylize-batch (rank 0 of {world})", unit="row", file=sys.stderr,
               disable=not state.is_main_process, dynamic_ncols=True) as bar:
         results = run_shard(mine, out_dir, ext, args.seed, rank, generate, save, tick=lambda: bar.update(1),
+                            pack=getattr(args, "pack", 1), generate_many=getattr(generate, "many", None), pack_key=pack_key,
                             defaults=defaults_of(args), redo=not args.no_redo)
     write_json(rank_results_path(out_dir, rank), [vars(r) for r in results])
     state.wait_for_everyone()

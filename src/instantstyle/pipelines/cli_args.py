@@ -164,3 +164,60 @@ def device_and_dtype(args):
 
 def hub_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in HUB_FLAGS if getattr(args, k, None)}
+
+
+# -- the IP-Adapter controls (issue 19): names checked against the processors' own tuples --------
+#: flag -> (the API's keyword, the tuple of valid names in instantstyle.processors.targets.weight_types)
+CONTROL_NAMES = {"--weight-type": ("weight_type", "WEIGHT_TYPES"), "--embeds-scaling": ("embeds_scaling", "EMBEDS_SCALING")}
+
+
+def control_choices(tuple_name: str):
+    """The valid names (``WEIGHT_TYPES`` / ``EMBEDS_SCALING``), or None where this build lacks them."""
+    try:
+        from instantstyle.processors.targets import weight_types
+    except ImportError:
+        return None
+    return tuple(getattr(weight_types, tuple_name, ()) or ()) or None
+
+
+def check_control_name(name: str, value, tuple_name: str):
+    """``value`` if it is one of the valid names, else ValueError naming ``name`` and listing them."""
+    if value is None:
+        return None
+    valid = control_choices(tuple_name)
+    if valid is None:
+        raise ValueError(f"{name}: this build has no {tuple_name} (instantstyle.processors.targets.weight_types is missing)")
+    if value not in valid:
+        raise ValueError(f"{name}: expected one of {', '.join(valid)}, got {shown(value)}")
+    return value
+
+
+def add_control_arguments(parser) -> None:
+    g = parser.add_argument_group("IP-Adapter controls (see the README's Controls table)")
+    g.add_argument("--weight-type", metavar="NAME", default=None,
+                   help="how the weight varies over the target layers, e.g. linear, style transfer, composition; "
+                        "an unknown name lists the valid ones (default: the loader's, linear)")
+    g.add_argument("--composition-weight", type=float, default=None, metavar="W",
+                   help="the weight of the composition (layout) layers for the weight types that set it apart")
+    g.add_argument("--embeds-scaling", metavar="MODE", default=None,
+                   help="how the image tokens scale the attention: V only (default), K+V, K+V w/ C penalty, ...; "
+                        "an unknown name lists the valid ones")
+    g.add_argument("--negative-style", metavar="IMAGE", default=None,
+                   help="an image for the unconditional (CFG) half instead of zeros: its style is steered away from")
+
+
+def check_controls(args) -> None:
+    """The control flags, before anything loads: one line listing the valid names."""
+    for flag, (attribute, tuple_name) in CONTROL_NAMES.items():
+        try:
+            check_control_name(flag, getattr(args, attribute, None), tuple_name)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    finite("--composition-weight", getattr(args, "composition_weight", None))
+
+
+def control_kwargs(source) -> dict:
+    """``weight_type``, ``composition_weight``, ``embeds_scaling`` of ``source`` (args or a dict)
+    that are set: what ``InstantStyle``/``configure`` take (None keeps the loader's default)."""
+    get = source.get if isinstance(source, dict) else (lambda k: getattr(source, k, None))
+    return {k: get(k) for k in ("weight_type", "composition_weight", "embeds_scaling") if get(k) is not None}

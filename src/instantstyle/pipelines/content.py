@@ -96,6 +96,8 @@ def style_image_embeds(
     text_encoder=None,
     tokenizer=None,
     do_classifier_free_guidance: bool = True,
+    negative_images: Optional[Sequence] = None,
+    negative_content_prompt: Optional[str] = None,
 ) -> List[torch.Tensor]:
     """Style embeddings for every loaded adapter, in diffusers' ``ip_adapter_image_embeds`` layout.
 
@@ -111,6 +113,13 @@ def style_image_embeds(
             encoder's space; default: the pipeline's ``text_encoder_2`` (SDXL bigG).
         do_classifier_free_guidance: prepend the unconditional half (zeros, as diffusers
             does for global-embedding adapters; it is not subtracted).
+        negative_images: None, or one entry per adapter (an image or a list of 1 or
+            n_images images): the unconditional half's embeddings come from these images
+            instead of zeros (patch adapters: instead of a black image), the idea of
+            ComfyUI's ``image_negative``.  One image stands for all n (n copies of one
+            reference's tokens attend exactly as the one does).
+        negative_content_prompt: subtract this content from the negative images' embeddings
+            too (``content_scale``); None: no subtraction there.
 
     Returns:
         one tensor per adapter, ``[2, n_images, D]`` (negative first) with CFG, else
@@ -132,9 +141,18 @@ def style_image_embeds(
                 "--content-text-encoder DIR on the command line"
             )
         text = encode_text(text_encoder, tokenizer, content_prompt)
+    negatives = _negative_entries(negative_images, len(kinds))
+    negative_text = None
+    if negative_content_prompt and negatives is not None:
+        text_encoder = text_encoder or getattr(pipe, "text_encoder_2", None)
+        tokenizer = tokenizer or getattr(pipe, "tokenizer_2", None)
+        if text_encoder is None or tokenizer is None:
+            raise ContentSubtractionError("negative_content_prompt: this pipeline has no text_encoder_2; give text_encoder= "
+                                          "and tokenizer= (a CLIP text model with projection in the image encoder's space)")
+        negative_text = encode_text(text_encoder, tokenizer, negative_content_prompt)
     out = []
     for i, (images, kind) in enumerate(zip(style_images, kinds)):
-        if text is not None and kind != "global":
+        if (text is not None or negative_text is not None) and kind != "global":
             raise ContentSubtractionError(
                 f"IP-Adapter {i} is a patch-feature adapter ({kind}, e.g. Plus or Full-face): content subtraction "
                 "applies to global CLIP embeddings only (base 4-token adapters); drop content_prompt for it"
@@ -147,9 +165,37 @@ def style_image_embeds(
             uncond = torch.zeros_like(embeds)
         else:  # patch features, exactly as diffusers' encode_image(output_hidden_states=True)
             embeds, uncond = _patch_features(pipe.image_encoder, pipe.feature_extractor, images)
+        if negatives is not None and do_classifier_free_guidance:
+            uncond = _negative_embeds(pipe, kind, negatives[i], len(images), i, negative_text, content_scale)
         embeds, uncond = embeds[None], uncond[None]  # [1, n_images, ...]
         out.append(torch.cat([uncond, embeds]) if do_classifier_free_guidance else embeds)
     return out
+
+
+def _negative_entries(negative_images, adapters: int):
+    """``negative_images`` as one list of images per adapter, or None."""
+    if negative_images is None:
+        return None
+    if not isinstance(negative_images, (list, tuple)):
+        negative_images = [negative_images]
+    if adapters == 1 and len(negative_images) != 1:
+        negative_images = [list(negative_images)]  # several negatives of the one adapter
+    if len(negative_images) != adapters:
+        raise ValueError(f"negative_images: expected one entry per loaded IP-Adapter ({adapters}), got {len(negative_images)}")
+    return [list(n) if isinstance(n, (list, tuple)) else [n] for n in negative_images]
+
+
+def _negative_embeds(pipe, kind: str, images: list, count: int, adapter: int, text, content_scale: float):
+    """The unconditional half of one adapter from negative images: ``(count, ...)``."""
+    if len(images) not in (1, count):
+        raise ValueError(f"negative_images[{adapter}]: expected 1 or {count} images (one per style image), got {len(images)}")
+    if kind == "global":
+        embeds = encode_images(pipe.image_encoder, pipe.feature_extractor, images)
+        if text is not None:
+            embeds = subtract_content(embeds, text.to(embeds.device), content_scale)
+    else:
+        embeds = _patch_features(pipe.image_encoder, pipe.feature_extractor, images)[0]
+    return embeds.expand(count, *embeds.shape[1:]) if len(images) == 1 else embeds
 
 
 def _patch_features(image_encoder, image_processor, images):

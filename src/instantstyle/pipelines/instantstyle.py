@@ -11,7 +11,11 @@ from disk, no model is rebuilt), unlike upstream's demo, which rebuilt everythin
 """
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
 from typing import Optional
+
+import torch
 
 from instantstyle.loaders import load_ip_adapter
 from instantstyle.loaders.checkpoints import read_checkpoint
@@ -44,6 +48,81 @@ def default_target(family, state: dict, source: str) -> str:
     if family == "flux" and checkpoint_format(state, source) == INSTANTX:
         return "style"
     return "all"
+
+
+#: the control settings :meth:`InstantStyle.configure` passes on to ``load_ip_adapter``
+CONTROLS = ("weight_type", "weight", "composition_weight", "embeds_scaling")
+
+
+def per_prompt_styles(style_images, num_prompts: int):
+    """One list of style images per prompt, or None when all prompts share ``style_images``.
+
+    Per prompt: a list of ``num_prompts`` lists (each one prompt's references), or, with
+    several prompts, a flat list of exactly ``num_prompts`` images (image i styles prompt i).
+    Anything else (one image, or a flat list of another length) is shared by all prompts,
+    its images sharing one softmax as in diffusers."""
+    if not isinstance(style_images, (list, tuple)) or num_prompts < 2 and not any(
+            isinstance(x, (list, tuple)) for x in style_images):
+        return None
+    nested = [isinstance(x, (list, tuple)) for x in style_images]
+    if any(nested):
+        if not all(nested) or len(style_images) != num_prompts:
+            raise ValueError(f"style_images: expected a list of {num_prompts} lists (one per prompt), got {len(style_images)} "
+                             f"entries of which {sum(nested)} are lists")
+        return [list(x) for x in style_images]
+    return [[x] for x in style_images] if len(style_images) == num_prompts else None
+
+
+def _per_prompt(name: str, value, num_prompts: int) -> list:
+    """A per-prompt setting: one value for all, or a list of ``num_prompts`` values."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_prompts:
+            raise ValueError(f"{name}: expected one value or a list of {num_prompts} (one per prompt), got {len(value)}")
+        return list(value)
+    return [value] * num_prompts
+
+
+@contextmanager
+def embeds_as_given(pipe):
+    """While active, the pipeline takes ``ip_adapter_image_embeds`` that already hold the whole
+    batch (``[2 * B * num_images_per_prompt, ...]`` with CFG) as they are.  diffusers' own
+    ``prepare_ip_adapter_image_embeds`` repeats them once per prompt (diffusers issue 9813),
+    which would pair every prompt with all references; embeds of one row keep its behaviour."""
+    original = pipe.prepare_ip_adapter_image_embeds
+    own = "prepare_ip_adapter_image_embeds" in vars(pipe)
+
+    def prepare(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt, do_classifier_free_guidance,
+                *args, **kwargs):
+        rows = num_images_per_prompt * (2 if do_classifier_free_guidance else 1)
+        if ip_adapter_image_embeds is not None and all(e.shape[0] == rows for e in ip_adapter_image_embeds):
+            return [e.to(device) for e in ip_adapter_image_embeds]
+        return original(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt,
+                        do_classifier_free_guidance, *args, **kwargs)
+
+    object.__setattr__(pipe, "prepare_ip_adapter_image_embeds", prepare)
+    try:
+        yield pipe
+    finally:
+        if own:
+            object.__setattr__(pipe, "prepare_ip_adapter_image_embeds", original)
+        else:
+            del pipe.__dict__["prepare_ip_adapter_image_embeds"]
+
+
+def stack_per_prompt(per_prompt: list, num_images_per_prompt: int, cfg: bool) -> list:
+    """Per prompt, per adapter ``[2 or 1, n, ...]`` embeds -> per adapter ``[(2) B * nipp, n, ...]``:
+    all negatives first, then all positives (diffusers' CFG order), each prompt's rows
+    repeated ``num_images_per_prompt`` times in place, as diffusers orders the prompt embeds."""
+    counts = [[e.shape[1] for e in row] for row in per_prompt]
+    if any(c != counts[0] for c in counts):
+        raise ValueError(f"style_images: every prompt of one batch needs the same number of style images per adapter, "
+                         f"got {counts}")
+    out = []
+    for adapter in range(len(per_prompt[0])):
+        rows = [row[adapter] for row in per_prompt]
+        halves = [torch.cat([r[h:h + 1] for r in rows]) for h in (range(2) if cfg else range(1))]
+        out.append(torch.cat([half.repeat_interleave(num_images_per_prompt, dim=0) for half in halves]))
+    return out
 
 
 def layers_of(report) -> list:
@@ -79,7 +158,7 @@ class InstantStyle:
     def __init__(self, pipe, ip_adapter, target=None, scale: float = 1.0, image_encoder=None, image_processor=None,
                  text_encoder=None, tokenizer=None, *, subfolder=None, weight_name=None,
                  image_encoder_folder: Optional[str] = "image_encoder", start_at: float = 0.0, end_at: float = 1.0,
-                 **hub_kwargs):
+                 weight_type=None, weight=None, composition_weight=None, embeds_scaling=None, **hub_kwargs):
         self.pipe = pipe
         files = resolve_checkpoints(ip_adapter, subfolder, weight_name, **hub_kwargs)
         if len(files) != 1:
@@ -94,54 +173,134 @@ class InstantStyle:
         self._state, self.source = read_ip_adapter(files[0], read_flux_checkpoint if self.family else read_checkpoint)
         attach_image_encoder(pipe, ip_adapter, subfolder, image_encoder_folder, **hub_kwargs)
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        if target is None:
-            target = default_target(self.family, self._state, self.source)
+        self._implicit_target, self._default_target = target is None, default_target(self.family, self._state, self.source)
+        self.controls = {k: v for k, v in zip(CONTROLS, (weight_type, weight, composition_weight, embeds_scaling))
+                         if v is not None}
+        target = self._target_for(target, self.controls)
         self.target, self.scale, self.start_at, self.end_at = target, scale, start_at, end_at
-        self.report = self._load(target, scale)
+        self.report = self._load(target, scale, self.controls)
 
-    def _load(self, target, scale):
+    def _target_for(self, target, controls):
+        """The target to load: as given; else the last one given; else the family's default, or
+        with a UNet weight type ``"all"`` (the loader then holds IP weights wherever the type
+        weights a module: a weight type spans more than the style block)."""
+        if target is not None:
+            return target
+        if not self._implicit_target:
+            return self.target
+        return "all" if controls.get("weight_type") and self.family is None else self._default_target
+
+    def _load(self, target, scale, controls):
+        if controls:
+            missing = [k for k in controls if k not in inspect.signature(load_ip_adapter).parameters]
+            if missing:
+                raise ValueError(f"{missing[0]}: this build's load_ip_adapter has no {missing[0]}= "
+                                 "(instantstyle.processors.targets.weight_types is missing)")
         return load_ip_adapter(self.pipe, self._state, target=target, scale=scale, start_at=self.start_at,
-                               end_at=self.end_at)
+                               end_at=self.end_at, **controls)
 
-    def configure(self, target=None, scale: Optional[float] = None):
-        """Change targets and/or scale from the in-memory checkpoint (no disk read).
+    def configure(self, target=None, scale: Optional[float] = None, weight_type=None, weight=None,
+                  composition_weight=None, embeds_scaling=None):
+        """Change targets, scale and the controls (``weight_type``, ``weight``,
+        ``composition_weight``, ``embeds_scaling``: see ``load_ip_adapter``) from the in-memory
+        checkpoint (no disk read).  None keeps a setting as it is.
 
-        All or nothing: if loading fails (a target that matches nothing, a bad scale), the
-        error propagates and the model, ``target``, ``scale`` and ``report`` are unchanged.
+        All or nothing: if loading fails (a target that matches nothing, a bad scale, an
+        unknown weight type), the error propagates and the model, ``target``, ``scale``,
+        ``controls`` and ``report`` are unchanged.
         """
-        new_target = self.target if target is None else target
+        given = {k: v for k, v in zip(CONTROLS, (weight_type, weight, composition_weight, embeds_scaling)) if v is not None}
+        return self.configure_all(target, scale, **{**self.controls, **given})
+
+    def configure_all(self, target=None, scale: Optional[float] = None, **controls):
+        """:meth:`configure` with the controls exactly as given: one left out goes back to the
+        loader's default (a batch row without a weight type must not inherit the last row's)."""
+        unknown = sorted(set(controls) - set(CONTROLS))
+        if unknown:
+            raise TypeError(f"configure_all: unknown control(s) {unknown}; controls are {', '.join(CONTROLS)}")
+        controls = {k: v for k, v in controls.items() if v is not None}
+        new_target = self._target_for(target, controls)
         new_scale = self.scale if scale is None else scale
-        if new_target != self.target or new_scale != self.scale:
-            report = self._load(new_target, new_scale)  # raises before touching the UNet on bad input
-            self.target, self.scale, self.report = new_target, new_scale, report
+        if new_target != self.target or new_scale != self.scale or controls != self.controls:
+            report = self._load(new_target, new_scale, controls)  # raises before touching the UNet on bad input
+            self.target, self.scale, self.controls, self.report = new_target, new_scale, controls, report
+            self._implicit_target = self._implicit_target and target is None  # a target given is kept
         return self.report
 
-    def embeds(self, style_images, content_prompt: Optional[str] = None, content_scale: float = 0.5,
-               do_classifier_free_guidance: bool = True):
-        """Content-subtracted style embeddings, in the ``ip_adapter_image_embeds`` layout."""
-        if self.family is not None:  # Flux / SD3: see ip_inputs for the negative embeddings
-            return self.ip_inputs(style_images, content_prompt, content_scale, do_classifier_free_guidance)["ip_adapter_image_embeds"]
-        images = style_images if isinstance(style_images, (list, tuple)) else [style_images]
-        return style_image_embeds(
-            self.pipe, [list(images)], content_prompt, content_scale, self.text_encoder, self.tokenizer,
-            do_classifier_free_guidance,
-        )
+    def embeds(self, style_images, content_prompt=None, content_scale=0.5, do_classifier_free_guidance: bool = True,
+               negative_style_images=None, negative_content_prompt: Optional[str] = None, num_prompts: int = 1,
+               num_images_per_prompt: int = 1):
+        """Content-subtracted style embeddings, in the ``ip_adapter_image_embeds`` layout.
 
-    def ip_inputs(self, style_images, content_prompt: Optional[str] = None, content_scale: float = 0.5,
-                  do_classifier_free_guidance: bool = True) -> dict:
+        With ``num_prompts`` > 1 and per-prompt ``style_images`` (see :func:`per_prompt_styles`)
+        the embeds hold the whole batch, row i from prompt i's references (and its own
+        ``content_prompt``/``content_scale``/``negative_style_images`` when those are lists);
+        run them through :meth:`__call__` (or :func:`embeds_as_given`) so the pipeline keeps
+        the pairing.  ``negative_style_images``: the unconditional half from these images
+        instead of zeros (see ``content.style_image_embeds``)."""
+        if self.family is not None:  # Flux / SD3: see ip_inputs for the negative embeddings
+            return self.ip_inputs(style_images, content_prompt, content_scale, do_classifier_free_guidance,
+                                  negative_style_images, negative_content_prompt, num_prompts,
+                                  num_images_per_prompt)["ip_adapter_image_embeds"]
+        per_prompt = per_prompt_styles(style_images, num_prompts)
+        if per_prompt is None:
+            images = style_images if isinstance(style_images, (list, tuple)) else [style_images]
+            if isinstance(content_prompt, (list, tuple)) or isinstance(content_scale, (list, tuple)):
+                raise ValueError("content_prompt/content_scale: per-prompt values need per-prompt style_images")
+            return style_image_embeds(
+                self.pipe, [list(images)], content_prompt, content_scale, self.text_encoder, self.tokenizer,
+                do_classifier_free_guidance, self._negatives(negative_style_images), negative_content_prompt,
+            )
+        contents = _per_prompt("content_prompt", content_prompt, num_prompts)
+        scales = _per_prompt("content_scale", content_scale, num_prompts)
+        negatives = negative_style_images
+        if isinstance(negatives, (list, tuple)) and len(negatives) == num_prompts:
+            negatives = list(negatives)  # one (image or list) per prompt
+        else:
+            negatives = [negatives] * num_prompts
+        rows = [style_image_embeds(self.pipe, [images], contents[i], scales[i], self.text_encoder, self.tokenizer,
+                                   do_classifier_free_guidance, self._negatives(negatives[i]), negative_content_prompt)
+                for i, images in enumerate(per_prompt)]
+        return stack_per_prompt(rows, num_images_per_prompt, do_classifier_free_guidance)
+
+    @staticmethod
+    def _negatives(negative_style_images):
+        if negative_style_images is None:
+            return None
+        images = negative_style_images if isinstance(negative_style_images, (list, tuple)) else [negative_style_images]
+        return [list(images)]  # the one adapter's negatives
+
+    def ip_inputs(self, style_images, content_prompt=None, content_scale=0.5, do_classifier_free_guidance: bool = True,
+                  negative_style_images=None, negative_content_prompt: Optional[str] = None, num_prompts: int = 1,
+                  num_images_per_prompt: int = 1) -> dict:
         """The pipeline call's IP-Adapter keyword arguments: ``ip_adapter_image_embeds`` (and for
         Flux ``negative_ip_adapter_image_embeds``), content-subtracted, in each pipeline's layout."""
         if self.family is None:
             return {"ip_adapter_image_embeds": self.embeds(style_images, content_prompt, content_scale,
-                                                           do_classifier_free_guidance)}
+                                                           do_classifier_free_guidance, negative_style_images,
+                                                           negative_content_prompt, num_prompts, num_images_per_prompt)}
+        if negative_style_images is not None or per_prompt_styles(style_images, num_prompts) is not None:
+            raise ValueError(f"style_images/negative_style_images: per-prompt references and negative images are "
+                             f"supported for UNet pipelines (SD1.5/SDXL), not {self.family}")
         images = style_images if isinstance(style_images, (list, tuple)) else [style_images]
         return dit_style_inputs(self.pipe, [list(images)], content_prompt, content_scale, self.text_encoder, self.tokenizer,
                                 do_classifier_free_guidance)
 
-    def __call__(self, prompt, style_images, content_prompt: Optional[str] = None, content_scale: float = 0.5,
-                 target=None, scale: Optional[float] = None, **pipe_kwargs):
-        """Run the pipeline with the style references; extra keyword arguments go to it."""
+    def __call__(self, prompt, style_images, content_prompt=None, content_scale=0.5, target=None,
+                 scale: Optional[float] = None, negative_style_images=None, negative_content_prompt: Optional[str] = None,
+                 **pipe_kwargs):
+        """Run the pipeline with the style references; extra keyword arguments go to it.
+
+        ``prompt`` may be a list of B prompts with ``style_images`` a list of B images (or of B
+        lists): image i is then made from prompt i and references i only, exactly as its own
+        one-prompt run (with a list of B generators).  ``content_prompt``, ``content_scale``
+        and ``negative_style_images`` may then be per-prompt lists too."""
         self.configure(target, scale)
         cfg = pipe_kwargs.get("guidance_scale", 5.0) > 1.0
-        inputs = self.ip_inputs(style_images, content_prompt, content_scale, do_classifier_free_guidance=cfg)
-        return self.pipe(prompt=prompt, **inputs, **pipe_kwargs)
+        num_prompts = len(prompt) if isinstance(prompt, (list, tuple)) else 1
+        inputs = self.ip_inputs(style_images, content_prompt, content_scale, cfg, negative_style_images,
+                                negative_content_prompt, num_prompts, pipe_kwargs.get("num_images_per_prompt") or 1)
+        if self.family is not None:  # Flux / SD3: one reference set for all prompts (refused above otherwise)
+            return self.pipe(prompt=prompt, **inputs, **pipe_kwargs)
+        with embeds_as_given(self.pipe):
+            return self.pipe(prompt=prompt, **inputs, **pipe_kwargs)

@@ -26,10 +26,11 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .cli_args import parse_seed, shown
+from .cli_args import check_control_name, parse_seed, shown
 from .errors import UserError
 
-FIELDS = ("prompt", "style", "negative_prompt", "seed", "scale", "target", "content_prompt", "content_scale", "name")
+FIELDS = ("prompt", "style", "negative_prompt", "seed", "scale", "target", "content_prompt", "content_scale",
+          "weight_type", "embeds_scaling", "composition_weight", "negative_style", "frames", "name")  # name last: see Job.fields
 #: a name's UTF-8 bytes: with ".jpeg.json" / ".png.error.json" and the temporary file's prefix
 #: and random part, the longest file the batch writes stays under the usual 255-byte NAME_MAX
 NAME_MAX_BYTES = 200
@@ -49,6 +50,11 @@ class Job:
     target: object = None
     content_prompt: Optional[str] = None
     content_scale: Optional[float] = None
+    weight_type: Optional[str] = None
+    embeds_scaling: Optional[str] = None
+    composition_weight: Optional[float] = None
+    negative_style: Optional[str] = None  # an image for the unconditional half (path)
+    frames: Optional[int] = None  # video rows (--format gif/mp4): 4k+1 frames
     error: Optional[str] = None  # a row the manifest already gets wrong: reported, not run
     #: False when ``name`` is not the row's own checked name but its ``row-<index>`` key: the row
     #: then writes no file at all (only its summary entry)
@@ -175,6 +181,19 @@ def _number(name: str, value) -> float:
     return number
 
 
+def _finite(name: str, value) -> float:
+    """A finite number of either sign (a weight, not a scale)."""
+    number = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            pass
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{name}: expected a finite number, got {shown(value)}")
+    return number
+
+
 def _text(name: str, value) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{name}: expected a string, got {shown(value)}")
@@ -212,6 +231,24 @@ def _fill(job: Job, row: dict, base: str) -> None:
             setattr(job, key, _number(key, row[key]))
     if "target" in row:
         job.target = _target(row["target"])
+    if "frames" in row:
+        from .video import parse_frames
+
+        job.frames = parse_frames("frames", row["frames"])
+    _fill_controls(job, row, base)
+
+
+def _fill_controls(job: Job, row: dict, base: str) -> None:
+    """The IP-Adapter controls: names checked against the processors' own lists."""
+    job.weight_type = check_control_name("weight_type", row.get("weight_type"), "WEIGHT_TYPES")
+    job.embeds_scaling = check_control_name("embeds_scaling", row.get("embeds_scaling"), "EMBEDS_SCALING")
+    if "composition_weight" in row:
+        job.composition_weight = _finite("composition_weight", row["composition_weight"])
+    if "negative_style" in row:
+        paths = _styles(row["negative_style"], base)
+        if len(paths) != 1:
+            raise ValueError(f"negative_style: expected one image path, got {len(paths)}")
+        job.negative_style = paths[0]
 
 
 def _job(index: int, row, base: str) -> Job:

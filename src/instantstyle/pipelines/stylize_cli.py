@@ -33,13 +33,16 @@ import sys
 import time
 
 from .cli_args import (
+    add_control_arguments,
     add_model_arguments,
     add_runtime_arguments,
+    check_controls,
     check_runtime,
     check_seed,
     check_start_end,
     device_and_dtype,
     finite,
+    control_kwargs,
     hub_kwargs,
 )
 from .errors import UserError
@@ -52,7 +55,8 @@ METHODS = ("instantstyle", "style-aligned")
 #: settings that only one method reads: the sidecar records only those that applied
 ONLY_FOR = {
     "instantstyle": ("ip_adapter", "subfolder", "weight_name", "image_encoder", "content_text_encoder", "style",
-                     "content_prompt", "content_scale", "preset", "target", "scale"),
+                     "content_prompt", "content_scale", "preset", "target", "scale", "weight_type", "composition_weight",
+                     "embeds_scaling", "negative_style"),
     "style-aligned": ("keys_scale", "score_shift", "only_self_level", "no_shared_norms"),
 }
 NOT_SETTINGS = ("run", "command", "debug")
@@ -76,6 +80,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--start-at", type=float, default=0.0,
                    help="fraction of the schedule where the injection starts (default 0; both methods)")
     g.add_argument("--end-at", type=float, default=1.0, help="fraction of the schedule where it ends (default 1)")
+    add_control_arguments(parser)
     g = parser.add_argument_group("style-aligned")
     g.add_argument("--keys-scale", type=float, default=1.0, help="logit scale on the shared reference keys (default 1.0)")
     g.add_argument("--score-shift", type=float, default=0.0, help="logit shift on the shared reference keys (default 0)")
@@ -128,12 +133,15 @@ def check_method_arguments(args) -> None:
             raise UserError("--target and --preset: give one (--target names modules, --preset a block preset)")
         finite("--scale", args.scale, 0)
         finite("--content-scale", args.content_scale, 0)
+        check_controls(args)
         args.prompt = args.prompt[0]
         return
     for flag, value in (("--ip-adapter", args.ip_adapter), ("--image-encoder", args.image_encoder), ("--style", args.style),
                         ("--content-prompt", args.content_prompt), ("--content-text-encoder", args.content_text_encoder),
                         ("--target", args.target), ("--preset", args.preset), ("--subfolder", args.subfolder),
-                        ("--weight-name", args.weight_name)):
+                        ("--weight-name", args.weight_name), ("--weight-type", args.weight_type),
+                        ("--composition-weight", args.composition_weight), ("--embeds-scaling", args.embeds_scaling),
+                        ("--negative-style", args.negative_style)):
         if value:
             raise UserError(f"{flag}: not used by --method {args.method}, which takes its style from the first prompt's image")
     finite("--keys-scale", args.keys_scale)
@@ -160,7 +168,7 @@ def _target_message(exc: Exception) -> str:
     return text if cut < 0 else text[:cut] + "To target modules by path use --target PATTERN (repeatable)."
 
 
-def _instantstyle(args, styles, pipe, encoder, processor, text_encoder, tokenizer, ip_file):
+def _instantstyle(args, styles, pipe, encoder, processor, text_encoder, tokenizer, ip_file, negative=None):
     """Wire the pipeline once (InstantStyle); returns ``generate(call) -> (images, sidecar details)``."""
     from instantstyle.pipelines.content import ContentSubtractionError
     from instantstyle.pipelines.instantstyle import InstantStyle, layers_of
@@ -168,23 +176,24 @@ def _instantstyle(args, styles, pipe, encoder, processor, text_encoder, tokenize
     try:
         style = InstantStyle(pipe, ip_file, target=args.target or args.preset, scale=args.scale,
                              image_encoder=encoder, image_processor=processor, text_encoder=text_encoder, tokenizer=tokenizer,
-                             image_encoder_folder=None, start_at=args.start_at, end_at=args.end_at)
+                             image_encoder_folder=None, start_at=args.start_at, end_at=args.end_at, **control_kwargs(args))
     except (ValueError, TypeError, FileNotFoundError, KeyError, NotImplementedError) as exc:
-        raise UserError(f"--ip-adapter / --preset / --target: {_target_message(exc)}") from None
+        raise UserError(f"--ip-adapter / --preset / --target / controls: {_target_message(exc)}") from None
     args.resolved_target = style.target  # the family's default when neither flag was given
 
     def generate(call):
         try:
             inputs = style.ip_inputs(styles, args.content_prompt, args.content_scale,
-                                     do_classifier_free_guidance=args.guidance > 1.0)
+                                     do_classifier_free_guidance=args.guidance > 1.0, negative_style_images=negative)
         except ContentSubtractionError as exc:
             raise UserError(str(exc)) from None
         except ValueError as exc:  # e.g. several --style images for SD3.5's one-image adapter
-            raise UserError(f"--style: {exc}") from None
+            raise UserError(f"--style / --negative-style: {exc}") from None
         images = style.pipe(prompt=args.prompt, **inputs, **call).images
         report = style.report
         return images, {"targets": sorted(layers_of(report)), "ip_params_held": report.ip_params,
-                        "ip_params_all_layers": report.ip_params_all_layers, "ip_adapter_file": style.source}
+                        "ip_params_all_layers": report.ip_params_all_layers, "ip_adapter_file": style.source,
+                        "controls": dict(style.controls)}
 
     return generate
 
@@ -259,6 +268,7 @@ def stylize(args) -> dict:
     paths = check_all(args)
     hub = hub_kwargs(args)
     styles = [open_image("--style", p) for p in args.style] if args.method == "instantstyle" else None
+    negative = open_image("--negative-style", args.negative_style) if getattr(args, "negative_style", None) else None
     control = open_image("--control-image", args.control_image) if args.control_image else None
     device, dtype = device_and_dtype(args)
     ip_file = resolve_ip_adapter(args, hub) if args.method == "instantstyle" else None
@@ -271,7 +281,7 @@ def stylize(args) -> dict:
         text_encoder, tokenizer = load_content_text_encoder(args, dtype, hub)
         pipe.to(device)
         generate = _instantstyle(args, styles, pipe, encoder.to(device), processor,
-                                 text_encoder.to(device) if text_encoder is not None else None, tokenizer, ip_file)
+                                 text_encoder.to(device) if text_encoder is not None else None, tokenizer, ip_file, negative)
     else:
         pipe.to(device)
         generate = _style_aligned(args, pipe)
