@@ -1,0 +1,62 @@
+"""A tiny but real Wan 2.1 I2V pipeline folder, built from config as diffusers' own test
+(``tests/pipelines/wan/test_wan_image_to_video.py``'s ``get_dummy_components``) builds it,
+in float32, and saved with ``save_pretrained`` so the CLI loads it like a user's folder.
+
+Two changes from diffusers' dummy components, both needed for the image branch to exist:
+``added_kv_proj_dim`` = the inner dim (24), as the I2V checkpoints have it (diffusers' test
+leaves it None, so its "I2V" transformer has no image branch); and the T5 and tokenizer are
+written here from config / a vocab (no hub).  The text is padded to 512 tokens (the
+pipeline's default ``max_sequence_length``): Wan splits the context at ``len - 512``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from helpers.tiny_tokenizers import t5_tokenizer, tiny_t5_config
+
+#: the transformer's config (diffusers' test sizes, 2 blocks, image branch on)
+TRANSFORMER = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 36,
+               "out_channels": 16, "text_dim": 32, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+               "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32, "image_dim": 4, "added_kv_proj_dim": 24}
+
+
+def tiny_wan_i2v(tmp: Path):
+    """A ``WanImageToVideoPipeline`` in float32 (components seeded as diffusers' test seeds them)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        T5EncoderModel,
+    )
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(tiny_t5_config())
+    tokenizer = t5_tokenizer(str(tmp / "t5_tokenizer"))
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(**TRANSFORMER)
+    torch.manual_seed(0)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
+                                                     image_size=32, intermediate_size=16, patch_size=1))
+    image_processor = CLIPImageProcessor(crop_size=32, size=32)
+    return WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                   image_processor=image_processor, image_encoder=image_encoder,
+                                   transformer=transformer).to(torch.float32)
+
+
+def save_tiny_wan_i2v(folder: Path) -> Path:
+    """The pipeline saved as a diffusers folder (``model_index.json`` + one folder per component)."""
+    folder = Path(folder)
+    tiny_wan_i2v(folder.parent).save_pretrained(folder)
+    return folder
