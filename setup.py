@@ -42,7 +42,9 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        "video": ["imageio", "imageio-ffmpeg"],  # MP4 out (`instantstyle video --out x.mp4`); GIF needs only Pillow
+        "train": ["peft>=0.6"],  # `instantstyle train-lora` (LoRA through diffusers' add_adapter)
+        "test": ["pytest>=7", "pytest-timeout", "peft>=0.6", "imageio", "imageio-ffmpeg"],  # the train-lora and MP4 tests
     },
     entry_points={"console_scripts": ["instantstyle = instantstyle.cli:main"]},
     classifiers=[

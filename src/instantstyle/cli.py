@@ -19,7 +19,9 @@ COMMANDS = [
     ("blocks", "instantstyle.blocks_cli", "list a UNet's attention modules and what is injected where"),
     ("stylize", "instantstyle.pipelines.stylize_cli", "stylise an image with InstantStyle (style reference + prompt -> PNG)"),
     ("stylize-batch", "instantstyle.pipelines.batch_cli", "stylise a manifest of jobs, data-parallel under accelerate/torchrun"),
+    ("video", "instantstyle.pipelines.video_cli", "make a video with Wan I2V/FLF2V, its image branch scaled per block (GIF/MP4)"),
     ("train-adapter", "instantstyle.training.cli", "train an IP-Adapter into chosen blocks only (style by default), on accelerate"),
+    ("train-lora", "instantstyle.training.lora_cli", "train a LoRA on registry targets (B-LoRA style/content blocks) with peft"),
 ]
 
 
