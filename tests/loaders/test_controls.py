@@ -127,6 +127,11 @@ def test_flux_instantx_composition_type_is_the_content_blocks():
     torch.testing.assert_close(_run_dit(typed, ip, flux_inputs()), _run_dit(ref, ip, flux_inputs()), atol=1e-12, rtol=1e-12)
     with pytest.raises(ValueError, match="embeds_scaling: 'K\\+V' is supported by UNet and XLabs-Flux"):
         instantstyle.set_embeds_scaling(typed, "K+V")
+    loaded = copy.deepcopy(model)  # loading with the type: IP weights only where it is non-zero
+    instantstyle.load_ip_adapter(loaded, state, weight_type="composition", weight=0.6)
+    held = {n for n, p in loaded.attn_processors.items() if len(getattr(p, "to_k_ip", ()) or ())}
+    assert held == {f"single_transformer_blocks.{i}.attn.processor" for i in range(3)}
+    torch.testing.assert_close(_run_dit(loaded, ip, flux_inputs()), _run_dit(ref, ip, flux_inputs()), atol=1e-12, rtol=1e-12)
 
 
 def test_instantx_flux_refuses_embeds_scaling_before_touching_the_model():

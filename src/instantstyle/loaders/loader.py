@@ -167,20 +167,21 @@ def load_ip_adapter(
     check_embeds_scaling(embeds_scaling)
     ramp_kwargs = ramp_arguments(ramp)
     control = None
+    only = None  # the sites that may hold weights: a weight type's non-zero ones ("*" holds them everywhere)
     if weight_type is not None:  # checked (names, arch) before anything is loaded
         control = site_values(unet_of(model_or_pipeline), weight_type, weight, composition_weight, arch)
-        # UNets: weights only where the type is non-zero ("*" holds them everywhere).  Flux/SD3
-        # hold them on every layer the checkpoint can fill (XLabs: double blocks only), and a
-        # layer at 0 still does no IP work
-        if target == "all" and transformer_family(unet_of(model_or_pipeline)) is None:
-            patterns = [name[: -len(".processor")] for name, v in control.items() if v != 0]
+        if target == "all":
+            only = {name for name, v in control.items() if v != 0}
+        if only is not None and transformer_family(unet_of(model_or_pipeline)) is None:
+            patterns = [name[: -len(".processor")] for name in control if name in only]
             target = [patterns] * len(checkpoint) if isinstance(checkpoint, (list, tuple)) else patterns
     if embeds_scaling != "V only" and transformer_family(unet_of(model_or_pipeline)) == "sd3":
         raise ValueError(f"embeds_scaling: SD3.5 IP layers take 'V only', got {embeds_scaling!r}")
     if transformer_family(unet_of(model_or_pipeline)) is not None:  # Flux / SD3.5: loaders/transformer.py
         report = load_transformer_ip_adapter(model_or_pipeline, checkpoint, target, scale, subfolder=subfolder, weight_name=weight_name,
                                            image_encoder_folder=image_encoder_folder, start_at=start_at, end_at=end_at, arch=arch,
-                                           caches=caches, ramp=ramp, embeds_scaling=embeds_scaling, **hub_kwargs)
+                                           caches=caches, ramp=ramp, embeds_scaling=embeds_scaling,
+                                           only=only, **hub_kwargs)
         if control is not None:
             set_weight_type(model_or_pipeline, weight_type, weight, composition_weight)
         if embeds_scaling != "V only":

@@ -63,12 +63,13 @@ def _restrict(weights: dict, capable: set, target, fmt: str, source: str) -> dic
 def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", scale=1.0, *, subfolder=None, weight_name=None,
                                 image_encoder_folder: Optional[str] = "image_encoder", start_at=0.0, end_at=1.0,
                                 arch: Optional[str] = None, caches: Optional[bool] = None, ramp=None,
-                                embeds_scaling: str = "V only", **hub_kwargs) -> TransformerLoadReport:
+                                embeds_scaling: str = "V only", only=None, **hub_kwargs) -> TransformerLoadReport:
     """See :func:`instantstyle.loaders.load_ip_adapter`; for Flux and SD3 transformers.
     A pipeline without an image encoder gets one from ``image_encoder_folder``
     (:func:`~instantstyle.loaders.hub.find_dit_image_encoder`: next to the adapter, or a
     folder / hub id of its own; CLIP ViT-L for XLabs, SigLIP for InstantX, checked),
-    after the checkpoints are read and checked and before the model is touched."""
+    after the checkpoints are read and checked and before the model is touched.
+    ``only``: the site names that may hold weights at all (a weight type's non-zero layers)."""
     from .hub import attach_encoder, find_dit_image_encoder, resolve_checkpoints
 
     model = unet_of(model_or_pipeline)
@@ -83,6 +84,8 @@ def load_transformer_ip_adapter(model_or_pipeline, checkpoint, target="all", sca
     sites = attention_sites(model)
     registry = registry_of(model, arch)
     weights = [registry.resolve(t, "cross") for t in targets]
+    if only is not None:
+        weights = [{site: w for site, w in ws.items() if site in only} for ws in weights]
     old = dict(model.attn_processors)
 
     if family == "sd3" or any(sd3.is_sd3_checkpoint(s) for s, _ in states):
