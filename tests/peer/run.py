@@ -63,7 +63,7 @@ def main() -> int:
     parser.add_argument("--wan-image-branch", action="store_true",
                         help="in both runs, give Wan-family models built with image_dim the image branch "
                              "(added_kv_proj_dim) that the released I2V configs have and diffusers' tests leave out")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # the documented order: repo [--out F] [files...]
     if args.wan_image_branch:
         os.environ["INSTANTSTYLE_WAN_IMAGE_BRANCH"] = "1"
     report, regressions = [], 0
