@@ -42,9 +42,10 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
-        "video": ["imageio", "imageio-ffmpeg"],  # MP4 out (`instantstyle video --out x.mp4`); GIF needs only Pillow
+        # `instantstyle video`: diffusers' Wan pipelines clean prompts with ftfy; MP4 out needs imageio(-ffmpeg)
+        "video": ["ftfy", "imageio", "imageio-ffmpeg"],
         "train": ["peft>=0.6"],  # `instantstyle train-lora` (LoRA through diffusers' add_adapter)
-        "test": ["pytest>=7", "pytest-timeout", "peft>=0.6", "imageio", "imageio-ffmpeg"],  # the train-lora and MP4 tests
+        "test": ["pytest>=7", "pytest-timeout", "peft>=0.6", "ftfy", "imageio", "imageio-ffmpeg"],  # train-lora, video
     },
     entry_points={"console_scripts": ["instantstyle = instantstyle.cli:main"]},
     classifiers=[

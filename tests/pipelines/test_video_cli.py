@@ -150,6 +150,20 @@ def test_mp4_without_its_writer_names_the_extra(wan_dir, tmp_path, capsys, monke
     assert len(err) == 1 and 'pip install "instantstyle[video]"' in err[0]
 
 
+def test_without_ftfy_names_the_extra_before_loading(wan_dir, tmp_path, capsys, monkeypatch):
+    """diffusers' Wan pipelines would die on the first prompt with ``NameError: ftfy``."""
+    import sys
+
+    import diffusers
+
+    monkeypatch.setitem(sys.modules, "ftfy", None)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", None)  # loading would raise TypeError
+    assert main(_args(wan_dir, tmp_path / "v.gif")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ftfy" in err[0] and 'pip install "instantstyle[video]"' in err[0]
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_model_without_an_image_branch_is_refused(wan_dir, tmp_path, capsys):
     from diffusers import WanImageToVideoPipeline
 

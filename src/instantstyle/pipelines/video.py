@@ -24,7 +24,7 @@ DEFAULT_HEIGHT, DEFAULT_WIDTH, DEFAULT_FRAMES, DEFAULT_FPS = 480, 832, 81, 16
 TEMPORAL = 4
 #: the VAE downsamples 8x in space and the transformer patches 2x2: sizes are multiples of 16
 SPATIAL = 16
-MP4_HINT = 'pip install "instantstyle[video]"'
+VIDEO_HINT = 'pip install "instantstyle[video]"'
 
 
 def parse_frames(name: str, value) -> int:
@@ -63,12 +63,22 @@ def check_mp4_writer() -> None:
         import imageio  # noqa: F401
         import imageio_ffmpeg
     except ImportError as exc:
-        raise UserError(f"--out .mp4: needs imageio and imageio-ffmpeg ({exc.name} is missing): {MP4_HINT}, "
+        raise UserError(f"--out .mp4: needs imageio and imageio-ffmpeg ({exc.name} is missing): {VIDEO_HINT}, "
                         f"or write a .gif") from None
     try:
         imageio_ffmpeg.get_ffmpeg_exe()
     except RuntimeError as exc:  # the package without its binary
-        raise UserError(f"--out .mp4: imageio-ffmpeg finds no ffmpeg ({exc}): {MP4_HINT}, or write a .gif") from None
+        raise UserError(f"--out .mp4: imageio-ffmpeg finds no ffmpeg ({exc}): {VIDEO_HINT}, or write a .gif") from None
+
+
+def check_prompt_cleaner() -> None:
+    """diffusers' Wan pipelines pass every prompt through ``ftfy.fix_text`` but import ftfy only
+    when it is installed, so without it the first prompt dies with ``NameError: ftfy``."""
+    try:
+        import ftfy  # noqa: F401
+    except ImportError:
+        raise UserError(f"--model: Wan's pipelines clean prompts with ftfy, which is not installed: {VIDEO_HINT}") \
+            from None
 
 
 def check_video_output(out: str, flag: str = "--out") -> str:
@@ -107,6 +117,7 @@ def parse_scale(flag: str, text):
 
 def load_wan_pipeline(model: str, torch_dtype, hub: dict, flag: str = "--model"):
     """A diffusers pipeline whose transformer has Wan's image branch (I2V/FLF2V), else one line."""
+    check_prompt_cleaner()
     from diffusers import DiffusionPipeline
 
     from instantstyle.processors.wan.conversion import image_branch_sites
