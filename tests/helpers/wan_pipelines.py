@@ -22,8 +22,11 @@ TRANSFORMER = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_hea
                "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32, "image_dim": 4, "added_kv_proj_dim": 24}
 
 
-def tiny_wan_i2v(tmp: Path):
-    """A ``WanImageToVideoPipeline`` in float32 (components seeded as diffusers' test seeds them)."""
+def tiny_wan_i2v(tmp: Path, flf2v: bool = False):
+    """A ``WanImageToVideoPipeline`` in float32 (components seeded as diffusers' test seeds them).
+
+    ``flf2v``: the first-last-frame variant, as diffusers' FLF2V test builds it (4x4 CLIP images,
+    17 tokens each, and a learned position embedding over both images' 2 x 17 tokens)."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -45,18 +48,19 @@ def tiny_wan_i2v(tmp: Path):
     text_encoder = T5EncoderModel(tiny_t5_config())
     tokenizer = t5_tokenizer(str(tmp / "t5_tokenizer"))
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(**TRANSFORMER)
+    side = 4 if flf2v else 32
+    transformer = WanTransformer3DModel(**TRANSFORMER, pos_embed_seq_len=2 * (side * side + 1) if flf2v else None)
     torch.manual_seed(0)
     image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
-                                                     image_size=32, intermediate_size=16, patch_size=1))
-    image_processor = CLIPImageProcessor(crop_size=32, size=32)
+                                                     image_size=side, intermediate_size=16, patch_size=1))
+    image_processor = CLIPImageProcessor(crop_size=side, size=side)
     return WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                                    image_processor=image_processor, image_encoder=image_encoder,
                                    transformer=transformer).to(torch.float32)
 
 
-def save_tiny_wan_i2v(folder: Path) -> Path:
+def save_tiny_wan_i2v(folder: Path, flf2v: bool = False) -> Path:
     """The pipeline saved as a diffusers folder (``model_index.json`` + one folder per component)."""
     folder = Path(folder)
-    tiny_wan_i2v(folder.parent).save_pretrained(folder)
+    tiny_wan_i2v(folder.parent, flf2v).save_pretrained(folder)
     return folder

@@ -1,6 +1,7 @@
 """``stylize-batch --format gif|mp4``: manifest rows made into videos by a Wan 2.1 I2V pipeline.
 
-A row's ``style`` is the video's first frame and the image branch's reference (one image);
+A row's ``style`` is the video's first frame and the image branch's reference (one image; two,
+first and last frame, for a first-last-frame checkpoint);
 ``scale``/``target`` set the image branch per block (:func:`set_image_scale`, default target
 ``all``); an optional ``frames`` field overrides --frames.  Everything else (names, seeds,
 resuming by settings hash, atomic writes inside --out, sharding, the summary) is the image
@@ -32,6 +33,7 @@ from .video import (
     generate_frames,
     load_wan_pipeline,
     save_video,
+    takes_last_frame,
 )
 
 VIDEO_FORMATS = ("gif", "mp4")
@@ -89,14 +91,17 @@ def wire_video(args, state, hub, defaults: dict, effective_settings):
         args.dtype = "bfloat16"  # Wan's checkpoints are bfloat16; float16 overflows in its FFNs
     device, dtype = device_and_dtype(args)
     pipe = load_wan_pipeline(args.model, dtype, hub).to(device)
+    frame_names = ("the first frame", "the last frame") if takes_last_frame(pipe.transformer.config) else ("the first frame",)
 
     def generate(job, seed: int):
         row = effective_settings(job, seed, defaults)
-        if len(job.style) != 1:
-            raise ValueError(f"style: a video row takes one image (its first frame), got {len(job.style)}")
+        if len(job.style) != len(frame_names):
+            raise ValueError(f"style: a video row for this model takes {len(frame_names)} image(s) "
+                             f"({' and '.join(frame_names)}), got {len(job.style)}")
         frames = check_frames("frames", row.get("frames", args.frames))
         scales = apply_image_scale(pipe, row["scale"], row["target"], args.start_at, args.end_at)
         video = generate_frames(pipe, open_image("style", job.style[0]), prompt=job.prompt,
+                                last_image=open_image("style", job.style[1]) if len(job.style) > 1 else None,
                                 negative_prompt=row["negative_prompt"], frames=frames, height=args.height or DEFAULT_HEIGHT,
                                 width=args.width or DEFAULT_WIDTH, steps=args.steps, guidance=args.guidance, seed=seed,
                                 backend=args.backend)

@@ -115,20 +115,47 @@ def parse_scale(flag: str, text):
     return values[0] if len(values) == 1 else values
 
 
-def load_wan_pipeline(model: str, torch_dtype, hub: dict, flag: str = "--model"):
-    """A diffusers pipeline whose transformer has Wan's image branch (I2V/FLF2V), else one line."""
+def takes_last_frame(transformer_config) -> bool:
+    """First-last-frame (FLF2V) checkpoints add a learned position table over both frames' CLIP
+    tokens (``pos_embed_seq_len``, 2 x 257); image-to-video ones have none.  diffusers fails on a
+    mismatch deep inside the transformer (a ``view`` or a ``cat`` shape error), so we ask first."""
+    return transformer_config.get("pos_embed_seq_len") is not None
+
+
+def check_last_frame(transformer_config, last_frame: bool, model: str, flag: str = "--last-image") -> None:
+    if takes_last_frame(transformer_config) and not last_frame:
+        raise UserError(f"{flag}: {model!r} is a first-last-frame (FLF2V) checkpoint; give its last frame too")
+    if last_frame and not takes_last_frame(transformer_config):
+        raise UserError(f"{flag}: only first-last-frame (FLF2V) checkpoints take a last frame (their transformer has "
+                        f"pos_embed_seq_len); {model!r} is image-to-video")
+
+
+def load_wan_pipeline(model: str, torch_dtype, hub: dict, flag: str = "--model", last_frame: bool | None = None):
+    """A diffusers pipeline whose transformer has Wan's image branch (I2V/FLF2V), else one line.
+
+    ``last_frame`` (whether the user gave one) is checked against the transformer's config before
+    the weights load where that config can be read on its own, and after loading in any case."""
     check_prompt_cleaner()
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline, WanTransformer3DModel
 
     from instantstyle.processors.wan.conversion import image_branch_sites
 
     from .loading import from_pretrained
 
+    if last_frame is not None:
+        try:  # config.json only; the class is irrelevant, load_config just reads the file
+            early = WanTransformer3DModel.load_config(model, subfolder="transformer", **hub)
+        except (OSError, ValueError):
+            early = None  # the full load below reports the model itself
+        if early is not None:
+            check_last_frame(early, last_frame, model)
     pipe = from_pretrained(flag, DiffusionPipeline.from_pretrained, model, torch_dtype=torch_dtype, **hub)
     transformer = getattr(pipe, "transformer", None)
     if transformer is None or not image_branch_sites(transformer) or getattr(pipe, "image_encoder", None) is None:
         raise UserError(f"{flag}: expected a Wan I2V/FLF2V pipeline (a transformer whose cross-attention has an image "
                         f"branch, and an image encoder), got {type(pipe).__name__} from {model!r}")
+    if last_frame is not None:
+        check_last_frame(transformer.config, last_frame, model)
     return pipe
 
 

@@ -116,7 +116,7 @@ def make_video(args) -> dict:
         args.dtype = "bfloat16"  # Wan's checkpoints are bfloat16; float16 overflows in its FFNs
     device, dtype = device_and_dtype(args)
     timings, start = {}, time.perf_counter()
-    pipe = load_wan_pipeline(args.model, dtype, hub_kwargs(args))
+    pipe = load_wan_pipeline(args.model, dtype, hub_kwargs(args), last_frame=bool(args.last_image))
     target = args.target if args.target is None or len(args.target) > 1 else args.target[0]
     scales = apply_image_scale(pipe, args.scale, target, args.start_at, args.end_at)
     pipe.to(device)
