@@ -123,3 +123,15 @@ def test_killed_run_resumes_without_duplicates_or_partials(tiny_sdxl, tmp_path):
     assert names == sorted([f"{i}.png" for i in range(6)] + [f"{i}.png.json" for i in range(6)] + ["summary.json"])
     for i in range(6):
         Image.open(out / f"{i}.png").load()  # whole files only
+
+
+def test_an_image_row_with_a_per_block_scale_list_fails_alone(tiny_sdxl, tmp_path):
+    """Lists are video rows' per-block scales; an image row says so, and the run goes on."""
+    rows = [{"prompt": "a dog", "style": "style.png", "name": "listed", "scale": [1, 0]},
+            {"prompt": "a dog", "style": "style.png", "name": "plain", "scale": 0.5}]
+    out = tmp_path / "out"
+    assert main(_args(tiny_sdxl, _manifest(tiny_sdxl, tmp_path, rows), out)) == 1
+    results = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["results"]}
+    assert results["plain"]["status"] == "ok" and (out / "plain.png").exists()
+    assert results["listed"]["status"] == "failed" and not (out / "listed.png").exists()
+    assert "scale: a per-block list is for video rows (--format gif or mp4)" in results["listed"]["reason"]

@@ -234,3 +234,37 @@ def test_stylize_batch_video_flags_are_checked_first(tmp_path, capsys, extra, me
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_stylize_batch_video_rows_take_per_block_scale_lists(wan_dir, tmp_path, monkeypatch):
+    from instantstyle.pipelines import batch_video
+
+    captured = []
+    monkeypatch.setattr(batch_video, "save_video", lambda video, path, fps: captured.append(
+        np.stack([np.asarray(f.convert("RGB"), dtype=np.int16) for f in video])))
+    ref = _zeroed_reference(wan_dir, seed=6)
+    manifest = tmp_path / "jobs.jsonl"
+    style = str(wan_dir / "ref.png")
+    rows = [{"prompt": "a red fox", "style": style, "name": "off", "scale": [0, 0], "seed": 6},
+            {"prompt": "a red fox", "style": style, "name": "targeted", "scale": [0, 0], "target": "blocks.1"},
+            {"prompt": "a red fox", "style": style, "name": "three", "scale": [0, 0, 0]}]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    args = ["stylize-batch", str(manifest), "--out", str(out), "--model", str(wan_dir / "model"), "--format", "gif",
+            "--guidance", "5", *FAST]
+    assert main(args) == 1  # two rows fail, each with its reason
+    assert np.abs(captured[0] - ref).max() <= 1  # [0, 0] equals diffusers with every add_v_proj zeroed
+    record = json.loads((out / "off.gif.json").read_text())  # the sidecar (the video itself was captured)
+    assert record["scale"] == [0.0, 0.0] and set(record["image_scales"].values()) == {0.0}
+    reasons = {r["name"]: r.get("reason", "") for r in json.loads((out / "summary.json").read_text())["results"]}
+    assert "target: a per-block scale list names every block itself" in reasons["targeted"]
+    assert "scale: expected 2 numbers (one per block with an image branch), got 3" in reasons["three"]
+
+
+def test_an_image_row_refuses_a_scale_list(tmp_path):
+    from instantstyle.pipelines.manifest import read_manifest
+
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "x", "style": "a.png", "scale": [1, "a"]}\n'
+                                         '{"prompt": "x", "style": "a.png", "scale": []}\n')
+    bad, empty = read_manifest(str(tmp_path / "jobs.jsonl"))
+    assert "scale[1]: expected a number >= 0" in bad.error and "non-empty list" in empty.error

@@ -26,8 +26,10 @@ bytes: the sidecar keeps their hash) is redone; with --no-redo it is left as it 
 Seeds are integers in [0, 2**64 - 1]; -1 is refused (it does not mean random).
 
 Video rows: --format gif or mp4 with a Wan 2.1 I2V --model; a row's style is its first frame,
-scale/target set the image branch per block (default target all), an optional frames field
-(4k+1) overrides --frames:  {"prompt": "a fox runs", "style": "fox.png", "frames": 33, "scale": 0.5}
+scale/target set the image branch per block (default target all; a scale list, one number per
+block, names the blocks itself), an optional frames field (4k+1) overrides --frames:
+  {"prompt": "a fox runs", "style": "fox.png", "frames": 33, "scale": 0.5}
+  {"prompt": "a fox runs", "style": "fox.png", "scale": [1, 1, 0, 0]}
 
 No row stops the run: a failing row (bad name, field or image, a model error) gets
 <name>.png.error.json (a row without a usable name only its summary entry, under "row-N") and the
@@ -180,6 +182,9 @@ def _wire(args, state, hub):
         """One pipeline call for ``jobs`` (one, or a pack sharing ``pack_key``): ``[(image, details)]``."""
         rows = [effective_settings(j, s, defaults) for j, s in zip(jobs, seeds)]  # what each sidecar's hash covers
         first, one = rows[0], len(jobs) == 1
+        if isinstance(first["scale"], list):
+            raise ValueError("scale: a per-block list is for video rows (--format gif or mp4); an image row takes "
+                             f"one number, got {first['scale']}")
         styles = [[open_image("style", p) for p in j.style] for j in jobs]
         negatives = [open_image("negative_style", r["negative_style"]) if r.get("negative_style") else None for r in rows]
         target = first["target"]

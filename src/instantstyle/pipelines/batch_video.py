@@ -1,11 +1,11 @@
 """``stylize-batch --format gif|mp4``: manifest rows made into videos by a Wan 2.1 I2V pipeline.
 
 A row's ``style`` is the video's first frame and the image branch's reference (one image; two,
-first and last frame, for a first-last-frame checkpoint);
-``scale``/``target`` set the image branch per block (:func:`set_image_scale`, default target
-``all``); an optional ``frames`` field overrides --frames.  Everything else (names, seeds,
-resuming by settings hash, atomic writes inside --out, sharding, the summary) is the image
-batch's own.
+first and last frame, for a first-last-frame checkpoint); ``scale``/``target`` set the image
+branch per block (:func:`set_image_scale`, default target ``all``; a ``scale`` list, one number
+per block, names the blocks itself); an optional ``frames`` field overrides --frames.
+Everything else (names, seeds, resuming by settings hash, atomic writes inside --out,
+sharding, the summary) is the image batch's own.
 """
 from __future__ import annotations
 
@@ -99,7 +99,13 @@ def wire_video(args, state, hub, defaults: dict, effective_settings):
             raise ValueError(f"style: a video row for this model takes {len(frame_names)} image(s) "
                              f"({' and '.join(frame_names)}), got {len(job.style)}")
         frames = check_frames("frames", row.get("frames", args.frames))
-        scales = apply_image_scale(pipe, row["scale"], row["target"], args.start_at, args.end_at)
+        target = row["target"]
+        if isinstance(row["scale"], list):  # one number per block: it names the blocks itself
+            if job.target is not None or args.target:
+                raise ValueError(f"target: a per-block scale list names every block itself; leave target out, "
+                                 f"got {job.target or args.target!r}")
+            target = None
+        scales = apply_image_scale(pipe, row["scale"], target, args.start_at, args.end_at)
         video = generate_frames(pipe, open_image("style", job.style[0]), prompt=job.prompt,
                                 last_image=open_image("style", job.style[1]) if len(job.style) > 1 else None,
                                 negative_prompt=row["negative_prompt"], frames=frames, height=args.height or DEFAULT_HEIGHT,

@@ -11,7 +11,7 @@ stop the run or steer a file outside ``--out``:
   bytes of UTF-8).  A row with a bad or duplicate name is reported under the key ``row-<index>``,
   which names no file: such a row writes nothing at all.
 * **Numbers**: ``seed`` is an integer in [0, 2**64) (:func:`parse_seed`); scales are finite and
-  >= 0; JSON's ``NaN``/``Infinity`` are refused, so every sidecar stays strict JSON.
+  >= 0 (``scale`` may be a list, one per block, for video rows); JSON's ``NaN``/``Infinity`` are refused, so every sidecar stays strict JSON.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Job:
     style: List[str] = field(default_factory=list)
     negative_prompt: Optional[str] = None
     seed: Optional[int] = None
-    scale: Optional[float] = None
+    scale: object = None  # a number, or (video rows) a list of numbers, one per block
     target: object = None
     content_prompt: Optional[str] = None
     content_scale: Optional[float] = None
@@ -181,6 +181,21 @@ def _number(name: str, value) -> float:
     return number
 
 
+def _scale(value):
+    """A number, or a non-empty list of numbers (one per block; a JSON list in a CSV cell too).
+    Whether the row may have a list is the batch's to say: video rows take one, image rows don't."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"scale: expected a number or a JSON list of numbers, got {shown(value)}") from None
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("scale: expected a number or a non-empty list of numbers (one per block), got []")
+        return [_number(f"scale[{i}]", v) for i, v in enumerate(value)]
+    return _number("scale", value)
+
+
 def _finite(name: str, value) -> float:
     """A finite number of either sign (a weight, not a scale)."""
     number = None
@@ -226,9 +241,10 @@ def _fill(job: Job, row: dict, base: str) -> None:
             setattr(job, key, _text(key, row[key]))
     if "seed" in row:
         job.seed = parse_seed("seed", row["seed"])
-    for key in ("scale", "content_scale"):
-        if key in row:
-            setattr(job, key, _number(key, row[key]))
+    if "scale" in row:
+        job.scale = _scale(row["scale"])
+    if "content_scale" in row:
+        job.content_scale = _number("content_scale", row["content_scale"])
     if "target" in row:
         job.target = _target(row["target"])
     if "frames" in row:
