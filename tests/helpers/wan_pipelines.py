@@ -1,5 +1,6 @@
-"""A tiny but real Wan 2.1 I2V pipeline folder, built from config as diffusers' own test
-(``tests/pipelines/wan/test_wan_image_to_video.py``'s ``get_dummy_components``) builds it,
+"""A tiny but real Wan 2.1 I2V pipeline folder (or SkyReels-V2 I2V, ChronoEdit: the same
+components with their own pipeline, transformer and scheduler), built from config as diffusers'
+own test (``tests/pipelines/wan/test_wan_image_to_video.py``'s ``get_dummy_components``) builds it,
 in float32, and saved with ``save_pretrained`` so the CLI loads it like a user's folder.
 
 Two changes from diffusers' dummy components, both needed for the image branch to exist:
@@ -22,17 +23,25 @@ TRANSFORMER = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_hea
                "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32, "image_dim": 4, "added_kv_proj_dim": 24}
 
 
-def tiny_wan_i2v(tmp: Path, flf2v: bool = False):
-    """A ``WanImageToVideoPipeline`` in float32 (components seeded as diffusers' test seeds them).
+#: family -> (pipeline, transformer, scheduler and its arguments), as diffusers' tests pair them.
+#: SkyReels-V2's diffusion-forcing I2V pipeline is not here: it has no image encoder, so no image branch.
+FAMILIES = {
+    "wan": ("WanImageToVideoPipeline", "WanTransformer3DModel", "FlowMatchEulerDiscreteScheduler", {"shift": 7.0}),
+    "skyreels-v2": ("SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Transformer3DModel", "UniPCMultistepScheduler",
+                    {"flow_shift": 5.0, "use_flow_sigmas": True}),
+    "chronoedit": ("ChronoEditPipeline", "ChronoEditTransformer3DModel", "FlowMatchEulerDiscreteScheduler",
+                   {"shift": 7.0}),
+}
+
+
+def tiny_wan_i2v(tmp: Path, flf2v: bool = False, family: str = "wan"):
+    """A Wan-family image-to-video pipeline in float32 (components seeded as diffusers' test seeds
+    them); ``family`` picks the pipeline/transformer/scheduler from :data:`FAMILIES`.
 
     ``flf2v``: the first-last-frame variant, as diffusers' FLF2V test builds it (4x4 CLIP images,
     17 tokens each, and a learned position embedding over both images' 2 x 17 tokens)."""
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanImageToVideoPipeline,
-        WanTransformer3DModel,
-    )
+    import diffusers
+    from diffusers import AutoencoderKLWan
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -43,24 +52,25 @@ def tiny_wan_i2v(tmp: Path, flf2v: bool = False):
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    pipeline_name, transformer_name, scheduler_name, scheduler_args = FAMILIES[family]
+    scheduler = getattr(diffusers, scheduler_name)(**scheduler_args)
     torch.manual_seed(0)
     text_encoder = T5EncoderModel(tiny_t5_config())
     tokenizer = t5_tokenizer(str(tmp / "t5_tokenizer"))
     torch.manual_seed(0)
     side = 4 if flf2v else 32
-    transformer = WanTransformer3DModel(**TRANSFORMER, pos_embed_seq_len=2 * (side * side + 1) if flf2v else None)
+    transformer = getattr(diffusers, transformer_name)(**TRANSFORMER, pos_embed_seq_len=2 * (side * side + 1) if flf2v else None)
     torch.manual_seed(0)
     image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
                                                      image_size=side, intermediate_size=16, patch_size=1))
     image_processor = CLIPImageProcessor(crop_size=side, size=side)
-    return WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                                   image_processor=image_processor, image_encoder=image_encoder,
-                                   transformer=transformer).to(torch.float32)
+    return getattr(diffusers, pipeline_name)(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                             image_processor=image_processor, image_encoder=image_encoder,
+                                             transformer=transformer).to(torch.float32)
 
 
-def save_tiny_wan_i2v(folder: Path, flf2v: bool = False) -> Path:
+def save_tiny_wan_i2v(folder: Path, flf2v: bool = False, family: str = "wan") -> Path:
     """The pipeline saved as a diffusers folder (``model_index.json`` + one folder per component)."""
     folder = Path(folder)
-    tiny_wan_i2v(folder.parent, flf2v).save_pretrained(folder)
+    tiny_wan_i2v(folder.parent, flf2v, family).save_pretrained(folder)
     return folder
