@@ -74,3 +74,28 @@ def save_tiny_wan_i2v(folder: Path, flf2v: bool = False, family: str = "wan") ->
     folder = Path(folder)
     tiny_wan_i2v(folder.parent, flf2v, family).save_pretrained(folder)
     return folder
+
+
+def as_uint8_frames(video):
+    """PIL frames as one int16 array (F, H, W, 3): differences don't wrap around."""
+    import numpy as np
+
+    return np.stack([np.asarray(f.convert("RGB"), dtype=np.int16) for f in video])
+
+
+def diffusers_frames(folder, image, *, seed, zero_image_branch=False, last_image=None, prompt="a red fox"):
+    """The reference: diffusers' own pipeline from ``folder`` at the tests' small settings (5
+    frames of 32x16, 2 steps, guidance 5), optionally with every block's image value projection
+    zeroed, which removes the image branch (the branch is linear in its values)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    if zero_image_branch:
+        with torch.no_grad():
+            for block in pipe.transformer.blocks:
+                block.attn2.add_v_proj.weight.zero_()
+                block.attn2.add_v_proj.bias.zero_()
+    extra = {} if last_image is None else {"last_image": last_image}
+    return as_uint8_frames(pipe(image=image, prompt=prompt, num_frames=5, height=16, width=32, num_inference_steps=2,
+                                guidance_scale=5.0, output_type="pil", generator=torch.Generator().manual_seed(seed),
+                                **extra).frames[0])

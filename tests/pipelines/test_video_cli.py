@@ -6,9 +6,8 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from helpers.hub_cache import make_hub_cache
-from helpers.wan_pipelines import save_tiny_wan_i2v
+from helpers.wan_pipelines import as_uint8_frames, diffusers_frames, save_tiny_wan_i2v
 from PIL import Image
 
 from instantstyle.cli import main
@@ -38,7 +37,7 @@ def captured(monkeypatch):
     original = video_cli.save_video
 
     def save(video, path, fps):
-        frames.append(np.stack([np.asarray(f.convert("RGB"), dtype=np.int16) for f in video]))
+        frames.append(as_uint8_frames(video))
         return original(video, path, fps)
 
     monkeypatch.setattr(video_cli, "save_video", save)
@@ -76,18 +75,7 @@ def test_mp4_has_every_frame(wan_dir, tmp_path):
 
 
 def _zeroed_reference(root, seed):
-    """diffusers' own pipeline with every block's image value projection zeroed: no image branch."""
-    from diffusers import WanImageToVideoPipeline
-
-    pipe = WanImageToVideoPipeline.from_pretrained(str(root / "model"), torch_dtype=torch.float32)
-    with torch.no_grad():
-        for block in pipe.transformer.blocks:
-            block.attn2.add_v_proj.weight.zero_()
-            block.attn2.add_v_proj.bias.zero_()
-    frames = pipe(image=Image.open(root / "ref.png").convert("RGB"), prompt="a red fox", num_frames=5, height=16,
-                  width=32, num_inference_steps=2, guidance_scale=5.0, output_type="pil",
-                  generator=torch.Generator().manual_seed(seed)).frames[0]
-    return np.stack([np.asarray(f, dtype=np.int16) for f in frames])
+    return diffusers_frames(root / "model", Image.open(root / "ref.png").convert("RGB"), seed=seed, zero_image_branch=True)
 
 
 def test_scale_zero_everywhere_equals_diffusers_with_add_v_proj_zeroed(wan_dir, tmp_path, captured):
@@ -240,8 +228,7 @@ def test_stylize_batch_video_rows_take_per_block_scale_lists(wan_dir, tmp_path, 
     from instantstyle.pipelines import batch_video
 
     captured = []
-    monkeypatch.setattr(batch_video, "save_video", lambda video, path, fps: captured.append(
-        np.stack([np.asarray(f.convert("RGB"), dtype=np.int16) for f in video])))
+    monkeypatch.setattr(batch_video, "save_video", lambda video, path, fps: captured.append(as_uint8_frames(video)))
     ref = _zeroed_reference(wan_dir, seed=6)
     manifest = tmp_path / "jobs.jsonl"
     style = str(wan_dir / "ref.png")

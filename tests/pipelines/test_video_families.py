@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from helpers.wan_pipelines import FAMILIES, save_tiny_wan_i2v
+from helpers.wan_pipelines import FAMILIES, as_uint8_frames, diffusers_frames, save_tiny_wan_i2v
 from PIL import Image
 
 from instantstyle.cli import main
@@ -27,36 +26,19 @@ def root(tmp_path_factory):
     return root
 
 
-def _frames(video):
-    return np.stack([np.asarray(f.convert("RGB"), dtype=np.int16) for f in video])
-
-
-def _diffusers(root, family, seed, zero_image_branch):
-    import diffusers
-
-    pipe = getattr(diffusers, FAMILIES[family][0]).from_pretrained(str(root / family), torch_dtype=torch.float32)
-    if zero_image_branch:
-        with torch.no_grad():
-            for block in pipe.transformer.blocks:
-                block.attn2.add_v_proj.weight.zero_()
-                block.attn2.add_v_proj.bias.zero_()
-    return _frames(pipe(image=Image.open(root / "ref.png").convert("RGB"), prompt="a red fox", num_frames=5, height=16,
-                        width=32, num_inference_steps=2, guidance_scale=5.0, output_type="pil",
-                        generator=torch.Generator().manual_seed(seed)).frames[0])
-
-
 @pytest.mark.parametrize("family", OTHERS)
 def test_scale_reaches_the_image_branch(root, tmp_path, monkeypatch, family):
     captured = []
     original = video_cli.save_video
-    monkeypatch.setattr(video_cli, "save_video", lambda video, path, fps: (captured.append(_frames(video)),
+    monkeypatch.setattr(video_cli, "save_video", lambda video, path, fps: (captured.append(as_uint8_frames(video)),
                                                                           original(video, path, fps)))
     for name, scale in (("off", "0"), ("on", "1")):
         assert main(["video", "--model", str(root / family), "--image", str(root / "ref.png"), "--prompt", "a red fox",
                      "--out", str(tmp_path / f"{name}.gif"), "--seed", "2", "--scale", scale, *FAST]) == 0
     off, on = captured
-    assert np.abs(off - _diffusers(root, family, 2, zero_image_branch=True)).max() <= 1
-    assert np.abs(on - _diffusers(root, family, 2, zero_image_branch=False)).max() <= 1
+    image = Image.open(root / "ref.png").convert("RGB")
+    assert np.abs(off - diffusers_frames(root / family, image, seed=2, zero_image_branch=True)).max() <= 1
+    assert np.abs(on - diffusers_frames(root / family, image, seed=2)).max() <= 1
     assert np.abs(on - off).max() > 1  # the image branch matters, so the test can fail
     sidecar = json.loads((tmp_path / "off.gif.json").read_text())
     assert sidecar["pipeline"] == FAMILIES[family][0]

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.wan_pipelines import save_tiny_wan_i2v
+from helpers.wan_pipelines import as_uint8_frames, diffusers_frames, save_tiny_wan_i2v
 from PIL import Image
 
 from instantstyle.cli import main
@@ -31,24 +31,11 @@ def _args(root, model, out, *extra):
             "--out", str(out), *FAST, *extra]
 
 
-def _frames(video):
-    return np.stack([np.asarray(f.convert("RGB"), dtype=np.int16) for f in video])
-
-
 def _diffusers(root, seed, last=True, zero_image_branch=False):
-    from diffusers import WanImageToVideoPipeline
-
-    pipe = WanImageToVideoPipeline.from_pretrained(str(root / "flf2v"), torch_dtype=torch.float32)
-    if zero_image_branch:
-        with torch.no_grad():
-            for block in pipe.transformer.blocks:
-                block.attn2.add_v_proj.weight.zero_()
-                block.attn2.add_v_proj.bias.zero_()
-    image = Image.open(root / "first.png").convert("RGB")
-    last_image = Image.open(root / ("last.png" if last else "first.png")).convert("RGB")
-    return _frames(pipe(image=image, last_image=last_image, prompt="a red fox", num_frames=5, height=16, width=32,
-                        num_inference_steps=2, guidance_scale=5.0, output_type="pil",
-                        generator=torch.Generator().manual_seed(seed)).frames[0])
+    """diffusers' FLF2V run from the same first frame, with the last frame (or the first again)."""
+    return diffusers_frames(root / "flf2v", Image.open(root / "first.png").convert("RGB"), seed=seed,
+                            zero_image_branch=zero_image_branch,
+                            last_image=Image.open(root / ("last.png" if last else "first.png")).convert("RGB"))
 
 
 @pytest.fixture
@@ -61,7 +48,7 @@ def captured(monkeypatch):
     save_original, forward_original = video_cli.save_video, WanTransformer3DModel.forward
 
     def save(video, path, fps):
-        seen["frames"].append(_frames(video))
+        seen["frames"].append(as_uint8_frames(video))
         return save_original(video, path, fps)
 
     def forward(self, *args, **kwargs):
