@@ -178,3 +178,58 @@ def test_stylize_cli_dit_mistakes_are_one_line(tiny_flux_dir, tiny_sd3_dir, tmp_
         assert code == 2 and err[-1].startswith("instantstyle: error: "), err
         assert re.search(message, err[-1]), err[-1]
         assert not (tmp_path / "e.png").exists()
+
+
+def _flux_run(style, prompts, refs, seeds, **kwargs):
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return style(prompts, refs, generator=generators if len(seeds) > 1 else generators[0], num_inference_steps=2,
+                 height=16, width=16, output_type="pt", **kwargs).images
+
+
+@pytest.mark.parametrize("fmt,text", [("xlabs", "clip_text"), ("instantx", None)])
+def test_flux_prompts_with_their_own_references_equal_their_single_runs(tiny_flux_dir, fmt, text):
+    """diffusers issue 9813 on Flux: B prompts with B references give image i from reference i."""
+    style = _style(tiny_flux_dir, fmt, text, target="all")
+    refs = [Image.open(tiny_flux_dir / name).convert("RGB") for name in ("style.png", "style2.png")]
+    prompts, seeds = ["a dog", "a house by the sea"], [3, 4]
+    contents = ["a cat", None] if text else None
+    batched = _flux_run(style, prompts, refs, seeds, content_prompt=contents)
+    alone = [_flux_run(style, p, [r], [s], content_prompt=c)
+             for p, r, s, c in zip(prompts, refs, seeds, contents or [None, None])]
+    assert batched.shape[0] == 2
+    for i in range(2):
+        torch.testing.assert_close(batched[i:i + 1], alone[i], rtol=1e-4, atol=1e-4)
+    other = _flux_run(style, prompts[0], [refs[1]], seeds[:1], content_prompt=(contents or [None])[0])
+    assert (other - alone[0]).abs().max() > 1e-3  # the reference matters, so the test can fail
+    # two images per prompt: prompt i's images (rows 2i, 2i+1) from reference i
+    two = _flux_run(style, prompts, refs, [3, 5, 4, 6], num_images_per_prompt=2, content_prompt=contents)
+    torch.testing.assert_close(two[2:3], _flux_run(style, prompts[1], [refs[1]], [4],
+                                                   content_prompt=(contents or [None, None])[1]), rtol=1e-4, atol=1e-4)
+
+
+def test_sd3_refuses_per_prompt_references_and_dits_refuse_negative_images(tiny_flux_dir, tiny_sd3_dir):
+    ref = Image.open(tiny_sd3_dir / "style.png")
+    with pytest.raises(ValueError, match="^style_images: per-prompt references are supported for UNet and Flux "
+                                         "pipelines, not sd3$"):
+        _style(tiny_sd3_dir, "sd3").ip_inputs([ref, ref], num_prompts=2)
+    with pytest.raises(ValueError, match="^negative_style_images: supported for UNet pipelines"):
+        _style(tiny_flux_dir, "xlabs").ip_inputs([ref], negative_style_images=ref)
+
+
+def test_stylize_batch_packs_flux_rows_with_different_references(tiny_flux_dir, tmp_path):
+    r = tiny_flux_dir
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps({"prompt": p, "style": str(r / s), "name": n, "seed": seed}) + "\n"
+                                for p, s, n, seed in (("a dog", "style.png", "dog", 3), ("a boat", "style2.png", "boat", 4))))
+    common = ["stylize-batch", str(manifest), "--model", str(r / "model"), "--ip-adapter", str(r / "xlabs.safetensors"),
+              "--image-encoder", str(r / "clip_image_encoder"), "--steps", "2", "--height", "16", "--width", "16",
+              "--threads", "1"]  # no --target: XLabs' default, all (its blocks have no style split)
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert main(common + ["--out", str(tmp_path / "packed"), "--pack", "2"]) == 0
+    for name in ("dog", "boat"):
+        record = json.loads((tmp_path / "packed" / f"{name}.png.json").read_text())
+        assert record["packed"] == 2 and record["targets"] == [f"transformer_blocks.{i}.attn.processor" for i in range(2)]
+        one, packed = (np.asarray(Image.open(tmp_path / d / f"{name}.png"), dtype=np.int16) for d in ("one", "packed"))
+        assert np.abs(one - packed).max() <= 1, name  # batched float32 sums differ in the last bit
+    dog, boat = (np.asarray(Image.open(tmp_path / "packed" / f"{n}.png"), dtype=np.int16) for n in ("dog", "boat"))
+    assert np.abs(dog - boat).max() > 2  # paired, not blended: the rows of one pack differ

@@ -149,7 +149,7 @@ def _wire(args, state, hub):
 
     from instantstyle.kernels import use_backend
 
-    from .instantstyle import InstantStyle
+    from .instantstyle import InstantStyle, layers_of
     from .loading import (
         load_content_text_encoder,
         load_image_encoder,
@@ -168,14 +168,16 @@ def _wire(args, state, hub):
     encoder, processor = load_image_encoder(args, dtype, hub)
     text_encoder, tokenizer = load_content_text_encoder(args, dtype, hub)
     pipe.to(device)
-    defaults = defaults_of(args)
     try:
-        style = InstantStyle(pipe, ip_file, target=defaults["target"], scale=args.scale, image_encoder=encoder.to(device),
+        # no --target/--preset: the family's default (style on UNets and InstantX Flux, all on XLabs/SD3.5)
+        style = InstantStyle(pipe, ip_file, target=args.target or args.preset, scale=args.scale, image_encoder=encoder.to(device),
                              image_processor=processor, tokenizer=tokenizer, image_encoder_folder=None,
                              text_encoder=text_encoder.to(device) if text_encoder is not None else None,
                              start_at=args.start_at, end_at=args.end_at, **control_kwargs(args))
     except (ValueError, TypeError, KeyError, NotImplementedError, FileNotFoundError) as exc:
         raise UserError(f"--ip-adapter / --preset / --target / controls: {exc}") from None
+    args.resolved_target = style.target
+    defaults = defaults_of(args)
     scheduler = type(pipe.scheduler).__name__
 
     def run_rows(jobs: list, seeds: list) -> list:
@@ -200,7 +202,7 @@ def _wire(args, state, hub):
         with use_backend(args.backend):
             images = style(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                            width=args.width, **per_row).images
-        details = {"target": style.target, "scale": style.scale, "targets": sorted(style.report.adapters[0].layers),
+        details = {"target": style.target, "scale": style.scale, "targets": sorted(layers_of(style.report)),
                    "controls": dict(style.controls), "backend": args.backend, "scheduler": scheduler, "device": device,
                    "model": args.model, "ip_adapter": args.ip_adapter}
         return [(image, dict(details)) for image in images]
@@ -237,7 +239,8 @@ def pack_key(job: Job, settings: dict) -> str:
 def defaults_of(args) -> dict:
     """The flags' side of every row's effective settings (see ``batch.effective_settings``)."""
     negative = getattr(args, "negative_style", None)
-    return {"negative_prompt": args.negative_prompt, "scale": args.scale, "target": args.target or args.preset or "style",
+    target = args.target or args.preset or getattr(args, "resolved_target", "style")  # set by _wire once loaded
+    return {"negative_prompt": args.negative_prompt, "scale": args.scale, "target": target,
             "content_prompt": args.content_prompt, "content_scale": args.content_scale,
             **control_kwargs(args), "negative_style": os.path.abspath(negative) if negative else None,
             **{k: getattr(args, k, None) for k in RUN_SETTINGS},

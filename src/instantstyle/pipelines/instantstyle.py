@@ -87,17 +87,18 @@ def embeds_as_given(pipe):
     """While active, the pipeline takes ``ip_adapter_image_embeds`` that already hold the whole
     batch (``[2 * B * num_images_per_prompt, ...]`` with CFG) as they are.  diffusers' own
     ``prepare_ip_adapter_image_embeds`` repeats them once per prompt (diffusers issue 9813),
-    which would pair every prompt with all references; embeds of one row keep its behaviour."""
+    which would pair every prompt with all references; embeds of one row keep its behaviour.
+    UNet pipelines pass ``do_classifier_free_guidance`` after the count; Flux's (true CFG is a
+    second call, not a second half of the batch) pass nothing after it."""
     original = pipe.prepare_ip_adapter_image_embeds
     own = "prepare_ip_adapter_image_embeds" in vars(pipe)
 
-    def prepare(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt, do_classifier_free_guidance,
-                *args, **kwargs):
-        rows = num_images_per_prompt * (2 if do_classifier_free_guidance else 1)
-        if ip_adapter_image_embeds is not None and all(e.shape[0] == rows for e in ip_adapter_image_embeds):
+    def prepare(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt, *args, **kwargs):
+        cfg = args[0] if args else kwargs.get("do_classifier_free_guidance", False)
+        rows = num_images_per_prompt * (2 if cfg else 1)
+        if isinstance(ip_adapter_image_embeds, (list, tuple)) and all(e.shape[0] == rows for e in ip_adapter_image_embeds):
             return [e.to(device) for e in ip_adapter_image_embeds]
-        return original(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt,
-                        do_classifier_free_guidance, *args, **kwargs)
+        return original(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt, *args, **kwargs)
 
     object.__setattr__(pipe, "prepare_ip_adapter_image_embeds", prepare)
     try:
@@ -279,12 +280,26 @@ class InstantStyle:
             return {"ip_adapter_image_embeds": self.embeds(style_images, content_prompt, content_scale,
                                                            do_classifier_free_guidance, negative_style_images,
                                                            negative_content_prompt, num_prompts, num_images_per_prompt)}
-        if negative_style_images is not None or per_prompt_styles(style_images, num_prompts) is not None:
-            raise ValueError(f"style_images/negative_style_images: per-prompt references and negative images are "
-                             f"supported for UNet pipelines (SD1.5/SDXL), not {self.family}")
-        images = style_images if isinstance(style_images, (list, tuple)) else [style_images]
-        return dit_style_inputs(self.pipe, [list(images)], content_prompt, content_scale, self.text_encoder, self.tokenizer,
-                                do_classifier_free_guidance)
+        per_prompt = per_prompt_styles(style_images, num_prompts)
+        if negative_style_images is not None and not (isinstance(negative_style_images, (list, tuple))
+                                                      and all(n is None for n in negative_style_images)):
+            raise ValueError(f"negative_style_images: supported for UNet pipelines (SD1.5/SDXL), not {self.family}")
+        if per_prompt is not None and self.family != "flux":
+            raise ValueError(f"style_images: per-prompt references are supported for UNet and Flux pipelines, "
+                             f"not {self.family}")
+        if per_prompt is None:
+            images = style_images if isinstance(style_images, (list, tuple)) else [style_images]
+            return dit_style_inputs(self.pipe, [list(images)], content_prompt, content_scale, self.text_encoder,
+                                    self.tokenizer, do_classifier_free_guidance)
+        contents = _per_prompt("content_prompt", content_prompt, num_prompts)
+        scales = _per_prompt("content_scale", content_scale, num_prompts)
+        rows = [dit_style_inputs(self.pipe, [images], contents[i], scales[i], self.text_encoder, self.tokenizer,
+                                 do_classifier_free_guidance) for i, images in enumerate(per_prompt)]
+        # Flux's batch has no CFG half: row i of the embeds is prompt i's; the black-image
+        # negatives (true CFG's second call) are the same for every prompt, one row
+        return {"ip_adapter_image_embeds": stack_per_prompt([r["ip_adapter_image_embeds"] for r in rows],
+                                                            num_images_per_prompt, cfg=False),
+                "negative_ip_adapter_image_embeds": rows[0]["negative_ip_adapter_image_embeds"]}
 
     def __call__(self, prompt, style_images, content_prompt=None, content_scale=0.5, target=None,
                  scale: Optional[float] = None, negative_style_images=None, negative_content_prompt: Optional[str] = None,
@@ -300,7 +315,7 @@ class InstantStyle:
         num_prompts = len(prompt) if isinstance(prompt, (list, tuple)) else 1
         inputs = self.ip_inputs(style_images, content_prompt, content_scale, cfg, negative_style_images,
                                 negative_content_prompt, num_prompts, pipe_kwargs.get("num_images_per_prompt") or 1)
-        if self.family is not None:  # Flux / SD3: one reference set for all prompts (refused above otherwise)
+        if self.family == "sd3":  # one reference set for all prompts (refused above otherwise)
             return self.pipe(prompt=prompt, **inputs, **pipe_kwargs)
         with embeds_as_given(self.pipe):
             return self.pipe(prompt=prompt, **inputs, **pipe_kwargs)

@@ -201,3 +201,33 @@ def test_blocks_xlabs_counts_the_19_capable_layers_and_refuses_single_blocks(cap
     assert main(["blocks", "--arch", "flux", "--format", "xlabs", "--preset", "single"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("instantstyle: error: target: a xlabs checkpoint") and len(err.strip().splitlines()) == 1
+
+
+def _sample(inputs, i):
+    """Row i of ``flux_inputs`` (the ids are per token, not per sample)."""
+    return {k: v if k.endswith("_ids") else v[i:i + 1] for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("fmt", ["xlabs", "instantx"])
+def test_each_sample_attends_to_its_own_image_row_and_other_counts_are_refused(fmt):
+    """diffusers issue 9813 on Flux: FluxPipeline repeats per-prompt embeds once per prompt, and
+    the processors' ``view(batch, -1, ...)`` would fold the extra rows into the tokens (a blend
+    of every prompt's references).  Ours pair row i with sample i, share one row, refuse the rest."""
+    model = tiny_flux()
+    state, dim = (xlabs_state(model), 32) if fmt == "xlabs" else (instantx_flux_state(model), 24)
+    instantstyle.load_ip_adapter(model, state, target="all", scale=0.7)
+    inputs, ip = flux_inputs(batch=2), embeds(2, 1, dim)
+    with torch.no_grad():
+        both = model(**inputs, joint_attention_kwargs={"ip_adapter_image_embeds": [ip]}).sample
+        alone = [model(**_sample(inputs, i), joint_attention_kwargs={"ip_adapter_image_embeds": [ip[i:i + 1]]}).sample
+                 for i in range(2)]
+        shared = model(**inputs, joint_attention_kwargs={"ip_adapter_image_embeds": [ip[:1]]}).sample
+        repeated = model(**inputs, joint_attention_kwargs={"ip_adapter_image_embeds": [ip[:1].repeat(2, 1, 1)]}).sample
+        swapped = model(**_sample(inputs, 0), joint_attention_kwargs={"ip_adapter_image_embeds": [ip[1:]]}).sample
+    for i in range(2):
+        assert (both[i:i + 1] - alone[i]).abs().max() < 1e-10
+    assert (shared - repeated).abs().max() < 1e-10
+    assert (swapped - alone[0]).abs().max() > 1e-6  # the reference matters, so the test can fail
+    with pytest.raises(ValueError, match=r"ip_adapter_image_embeds\[0\]: expected image states for 1 or 2 samples"):
+        with torch.no_grad():
+            model(**inputs, joint_attention_kwargs={"ip_adapter_image_embeds": [ip.repeat(2, 1, 1)]})

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers.ip_attention import CROSS, HEADS, inputs, ip_states, make_attn, make_pair
 
-from instantstyle.processors.unet.layer_inputs import paired_ip_states
+from instantstyle.processors.core.ip_pairing import paired_ip_states
 
 
 def _reference(attn, ref, hidden, text, states, scale):

@@ -44,6 +44,7 @@ from ..core.contributors import AttentionCall
 from ..core.drop_in import DropInProcessor
 from ..core.engine import LayerInputs, attend
 from ..core.ip_adapter import IPAdapterStreams
+from ..core.ip_pairing import paired_ip_states
 from ..core.model_state import attached_at
 from .joint_methods import changed_joint_attention
 from .joint_observe import observed_joint_attention
@@ -115,7 +116,7 @@ def parse_ip(ip_query: torch.Tensor, ip_hidden_states) -> LayerInputs:
     zero = ip_query.new_zeros((batch, 1, heads, head_dim))
     return LayerInputs(
         q=ip_query, k=zero, v=zero, text_bias=None, full_mask=None, fallback_reason=None,
-        ip_states=list(ip_hidden_states or []), residual=None, input_shape=tuple(ip_query.shape),
+        ip_states=paired_ip_states(list(ip_hidden_states or []), batch), residual=None, input_shape=tuple(ip_query.shape),
         ip_adapter_masks=None,  # diffusers' Flux processors take masks and ignore them
     )
 

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..core.engine import LayerInputs
+from ..core.ip_pairing import paired_ip_states
 from ..core.projections import linear, plain_linear, weights
 from ..core.step_cache import StepCache
 
@@ -50,33 +51,6 @@ def split_encoder_states(encoder_hidden_states, num_ip_tokens: Optional[int] = N
         end = encoder_hidden_states.shape[1] - num_ip_tokens
         return encoder_hidden_states[:, :end], [encoder_hidden_states[:, end:]]
     return encoder_hidden_states, []
-
-
-def paired_ip_states(ip_states: list, batch: int) -> list:
-    """Each adapter's image states with one row per query sample, or ValueError.
-
-    A states tensor is ``[B_img, n_images, tokens, C]`` (or ``[B_img, tokens, C]``).
-    ``B_img == batch`` pairs sample i with image row i; ``B_img == 1`` is one reference
-    set shared by every sample (expanded, no copy).  Anything else is refused: a later
-    ``.view(batch, -1, ...)`` would fold the extra rows into the token axis and silently
-    blend the references of different samples (diffusers issue 9813, what its pipelines
-    do with per-prompt embeds: they repeat the embeds once per prompt).
-    """
-    out = []
-    for i, states in enumerate(ip_states):
-        rows = states.shape[0] if isinstance(states, torch.Tensor) else None
-        if rows == batch or rows is None:
-            out.append(states)
-        elif rows == 1:
-            out.append(states.expand(batch, *states.shape[1:]))
-        else:
-            raise ValueError(
-                f"ip_adapter_image_embeds[{i}]: expected image states for 1 or {batch} samples (the batch, CFG "
-                f"halves included), got {rows}: they can't be paired one-to-one with the prompts (a diffusers "
-                "pipeline repeats per-prompt embeds once per prompt, diffusers issue 9813; "
-                "instantstyle.InstantStyle passes them paired)"
-            )
-    return out
 
 
 def _key_padding_bias(attention_mask: torch.Tensor, batch: int, lt: int) -> Optional[torch.Tensor]:
