@@ -233,3 +233,17 @@ def test_stylize_batch_packs_flux_rows_with_different_references(tiny_flux_dir, 
         assert np.abs(one - packed).max() <= 1, name  # batched float32 sums differ in the last bit
     dog, boat = (np.asarray(Image.open(tmp_path / "packed" / f"{n}.png"), dtype=np.int16) for n in ("dog", "boat"))
     assert np.abs(dog - boat).max() > 2  # paired, not blended: the rows of one pack differ
+
+
+def test_stylize_batch_on_sd3_runs_rows_one_by_one_under_pack(tiny_sd3_dir, tmp_path, capsys):
+    r = tiny_sd3_dir
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps({"prompt": p, "style": str(r / "style.png"), "name": n}) + "\n"
+                                for p, n in (("a dog", "dog"), ("a boat", "boat"))))
+    assert main(["stylize-batch", str(manifest), "--model", str(r / "model"), "--ip-adapter", str(r / "ip-adapter.bin"),
+                 "--image-encoder", str(r / "siglip_image_encoder"), "--steps", "1", "--height", "16", "--width", "16",
+                 "--threads", "1", "--out", str(tmp_path / "out"), "--pack", "2"]) == 0
+    assert "--pack has no effect on SD3.5" in capsys.readouterr().err
+    for name in ("dog", "boat"):
+        record = json.loads((tmp_path / "out" / f"{name}.png.json").read_text())
+        assert "packed" not in record and record["target"] == "all"
