@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.stylize import batch_args, pixels
 from instantstyle.cli import main
 from instantstyle.pipelines.batch import read_manifest, row_seed
 
@@ -29,16 +30,6 @@ def _manifest(root, tmp_path, rows=ROWS, name="jobs.jsonl"):
              for r in rows]
     path.write_text("".join(json.dumps(r) + "\n" for r in fixed))
     return path
-
-
-def _args(root, manifest, out, *extra):
-    return ["stylize-batch", str(manifest), "--out", str(out), "--model", str(root / "model"),
-            "--ip-adapter", str(root / "ip-adapter.safetensors"), "--steps", "2", "--height", "32", "--width", "32",
-            "--seed", "11", "--threads", "1", *extra]
-
-
-def _pixels(path):
-    return np.asarray(Image.open(path), dtype=np.int16)
 
 
 def _env():
@@ -73,7 +64,7 @@ def test_one_process_then_two_processes_same_images_and_a_bad_row_is_not_fatal(t
     with open(manifest, "a") as f:
         f.write("{not json\n")
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(_args(tiny_sdxl, manifest, one)) == 1  # failed rows: exit 1, after every other row ran
+    assert main(batch_args(tiny_sdxl, manifest, one)) == 1  # failed rows: exit 1, after every other row ran
     err = capsys.readouterr().err
     assert "4 written, 0 already complete, 2 failed" in err and "missing.png" in err
     summary = json.loads((one / "summary.json").read_text())
@@ -82,21 +73,21 @@ def test_one_process_then_two_processes_same_images_and_a_bad_row_is_not_fatal(t
     assert (one / "bad.png.error.json").exists() and not (one / "bad.png").exists()
 
     start = time.perf_counter()
-    proc = _torchrun(2, _args(tiny_sdxl, manifest, two))
+    proc = _torchrun(2, batch_args(tiny_sdxl, manifest, two))
     seconds = time.perf_counter() - start
     assert proc.returncode != 0  # a row failed (exit 1 on rank 0)
     summary2 = json.loads((two / "summary.json").read_text())
     assert summary2["processes"] == 2 and summary2["ok"] == 4 and summary2["failed"] == 2
     assert {r["rank"] for r in summary2["results"]} == {0, 1}
     for name in ("dog", "1", "2", "boat"):
-        assert np.array_equal(_pixels(one / f"{name}.png"), _pixels(two / f"{name}.png")), name
+        assert np.array_equal(pixels(one / f"{name}.png"), pixels(two / f"{name}.png")), name
         record = json.loads((two / f"{name}.png.json").read_text())
         assert record["status"] == "ok" and record["seed"] == json.loads((one / f"{name}.png.json").read_text())["seed"]
     assert json.loads(Image.open(two / "dog.png").text["instantstyle"])["prompt"] == "a dog"
     print(f"2-process run: {seconds:.1f} s")
 
     # a second run skips what is complete
-    assert main(_args(tiny_sdxl, manifest, one)) == 1
+    assert main(batch_args(tiny_sdxl, manifest, one)) == 1
     assert "0 written, 4 already complete, 2 failed" in capsys.readouterr().err
 
 
@@ -104,7 +95,7 @@ def test_one_process_then_two_processes_same_images_and_a_bad_row_is_not_fatal(t
 def test_killed_run_resumes_without_duplicates_or_partials(tiny_sdxl, tmp_path):
     rows = [{"prompt": f"thing {i}", "style": "style.png"} for i in range(6)]
     manifest, out = _manifest(tiny_sdxl, tmp_path, rows), tmp_path / "out"
-    args = _args(tiny_sdxl, manifest, out)
+    args = batch_args(tiny_sdxl, manifest, out)
     args[args.index("--steps") + 1] = "6"  # slow enough to be killed midway
     proc = subprocess.Popen([sys.executable, "-m", "instantstyle", *args], env=_env(), stderr=subprocess.DEVNULL)
     # pathlib's "*" also matches a temporary ".instantstyle-tmp-...-0.png.json": count real sidecars only
@@ -130,7 +121,7 @@ def test_an_image_row_with_a_per_block_scale_list_fails_alone(tiny_sdxl, tmp_pat
     rows = [{"prompt": "a dog", "style": "style.png", "name": "listed", "scale": [1, 0]},
             {"prompt": "a dog", "style": "style.png", "name": "plain", "scale": 0.5}]
     out = tmp_path / "out"
-    assert main(_args(tiny_sdxl, _manifest(tiny_sdxl, tmp_path, rows), out)) == 1
+    assert main(batch_args(tiny_sdxl, _manifest(tiny_sdxl, tmp_path, rows), out)) == 1
     results = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["results"]}
     assert results["plain"]["status"] == "ok" and (out / "plain.png").exists()
     assert results["listed"]["status"] == "failed" and not (out / "listed.png").exists()

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from helpers.stylize import batch_args, pixels
 from instantstyle.cli import main
 from instantstyle.pipelines.batch import effective_settings, read_manifest
 from instantstyle.pipelines.batch_cli import pack_key
@@ -30,33 +30,23 @@ def _manifest(root, tmp_path, rows=ROWS):
     return path
 
 
-def _args(root, manifest, out, *extra):
-    return ["stylize-batch", str(manifest), "--out", str(out), "--model", str(root / "model"),
-            "--ip-adapter", str(root / "ip-adapter.safetensors"), "--steps", "2", "--height", "32", "--width", "32",
-            "--seed", "11", "--threads", "1", *extra]
-
-
-def _pixels(path):
-    return np.asarray(Image.open(path), dtype=np.int16)
-
-
 def test_packed_rows_equal_their_unpacked_runs(tiny_sdxl, tmp_path):
     manifest = _manifest(tiny_sdxl, tmp_path)
-    assert main(_args(tiny_sdxl, manifest, tmp_path / "one")) == 0
-    assert main(_args(tiny_sdxl, manifest, tmp_path / "packed", "--pack", "4")) == 0
+    assert main(batch_args(tiny_sdxl, manifest, tmp_path / "one")) == 0
+    assert main(batch_args(tiny_sdxl, manifest, tmp_path / "packed", "--pack", "4")) == 0
     packed_sizes = {}
     for row in ROWS:
         a, b = tmp_path / "one" / f"{row['name']}.png", tmp_path / "packed" / f"{row['name']}.png"
-        assert np.abs(_pixels(a) - _pixels(b)).max() <= 1, row["name"]  # float noise, at most one 8-bit level
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1, row["name"]  # float noise, at most one 8-bit level
         one, packed = (json.loads((p.parent / (p.name + ".json")).read_text()) for p in (a, b))
         assert one["settings_hash"] == packed["settings_hash"]  # --pack is how it runs, not what
         packed_sizes[row["name"]] = packed.get("packed", 1)
     # dog, house, tree (and cup's negative prompt keeps it apart): one call of 3
     assert packed_sizes == {"dog": 3, "house": 3, "tree": 3, "boat": 1, "car": 1, "cup": 1}
     # the references are paired, not blended: rows of one pack differ from each other
-    assert np.abs(_pixels(tmp_path / "packed" / "dog.png") - _pixels(tmp_path / "packed" / "tree.png")).max() > 2
+    assert np.abs(pixels(tmp_path / "packed" / "dog.png") - pixels(tmp_path / "packed" / "tree.png")).max() > 2
     # resume: everything is complete, nothing runs again
-    assert main(_args(tiny_sdxl, manifest, tmp_path / "packed", "--pack", "4")) == 0
+    assert main(batch_args(tiny_sdxl, manifest, tmp_path / "packed", "--pack", "4")) == 0
     summary = json.loads((tmp_path / "packed" / "summary.json").read_text())
     assert summary["skipped"] == len(ROWS)
 
@@ -65,7 +55,7 @@ def test_a_bad_row_in_a_pack_fails_alone(tiny_sdxl, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     rows = [dict(ROWS[0]), {"prompt": "x", "style": str(tmp_path / "broken.png"), "name": "bad"}, dict(ROWS[2])]
     manifest = _manifest(tiny_sdxl, tmp_path, rows)
-    assert main(_args(tiny_sdxl, manifest, tmp_path / "out", "--pack", "3")) == 1
+    assert main(batch_args(tiny_sdxl, manifest, tmp_path / "out", "--pack", "3")) == 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["ok"] == 2 and [r["name"] for r in summary["failed_rows"]] == ["bad"]
 
@@ -138,7 +128,7 @@ def test_row_controls_apply_per_row_and_reset(tiny_sdxl, tmp_path):
              "embeds_scaling": wt.EMBEDS_SCALING[-1]},
             {"prompt": "a dog", "style": "style.png", "name": "plain"}]
     manifest = _manifest(tiny_sdxl, tmp_path, rows)
-    assert main(_args(tiny_sdxl, manifest, tmp_path / "out", "--pack", "2")) == 0
+    assert main(batch_args(tiny_sdxl, manifest, tmp_path / "out", "--pack", "2")) == 0
     typed, plain = (json.loads((tmp_path / "out" / f"{n}.png.json").read_text()) for n in ("typed", "plain"))
     assert typed["controls"] == {"weight_type": wt.WEIGHT_TYPES[-1], "embeds_scaling": wt.EMBEDS_SCALING[-1]}
     assert plain["controls"] == {} and plain["target"] == "style"  # the next row does not inherit them

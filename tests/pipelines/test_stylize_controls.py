@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from diffusers import StableDiffusionXLPipeline
-from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 import instantstyle.pipelines.instantstyle as module
@@ -15,7 +14,7 @@ from instantstyle.cli import main
 from instantstyle.loaders import load_ip_adapter
 from instantstyle.pipelines import InstantStyle
 
-from helpers.stylize import stylize_args as _args
+from helpers.stylize import pixels, stylize_args as _args
 
 
 def _weight_types():
@@ -32,15 +31,11 @@ NO_LOADER = "weight_type" not in inspect.signature(load_ip_adapter).parameters
 NO_LOADER_REASON = "load_ip_adapter has no weight_type=/embeds_scaling=/composition_weight= yet (processor/loader side)"
 
 
-def _pixels(path):
-    return np.asarray(Image.open(path), dtype=np.int16)
-
-
 def test_negative_style_changes_the_image_and_is_recorded(tiny_sdxl, tmp_path):
     plain, negative = tmp_path / "plain.png", tmp_path / "negative.png"
     assert main(_args(tiny_sdxl, plain)) == 0
     assert main(_args(tiny_sdxl, negative, "--negative-style", str(tiny_sdxl / "style2.png"))) == 0
-    assert np.abs(_pixels(plain) - _pixels(negative)).max() > 2
+    assert np.abs(pixels(plain) - pixels(negative)).max() > 2
     record = json.loads((tmp_path / "negative.png.json").read_text())
     assert record["settings"]["negative_style"] == str(tiny_sdxl / "style2.png")
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.stylize import pixels
 from instantstyle.cli import main
 
 PROMPTS = ["a red house", "a blue car", "a green tree"]
@@ -18,10 +19,6 @@ def _args(root, out, prompts, *extra):
     for p in prompts:
         args += ["--prompt", p]
     return args
-
-
-def _pixels(path):
-    return np.asarray(Image.open(path), dtype=np.int16)
 
 
 def test_style_aligned_batch_shares_the_first_images_style(tiny_sdxl, tmp_path):
@@ -38,17 +35,17 @@ def test_style_aligned_batch_shares_the_first_images_style(tiny_sdxl, tmp_path):
     pair = tmp_path / "pair.png"
     assert main(_args(tiny_sdxl, pair, [PROMPTS[0], PROMPTS[2]], "--keys-scale", "0.9")) == 0
     alone = tmp_path / "pair-0.png"
-    assert np.abs(_pixels(paths[0]) - _pixels(alone)).max() <= 1
+    assert np.abs(pixels(paths[0]) - pixels(alone)).max() <= 1
     second = tmp_path / "second.png"
     assert main(_args(tiny_sdxl, second, [PROMPTS[0], PROMPTS[1]], "--keys-scale", "0.9", "--only-self-level", "0.5")) == 0
-    assert np.abs(_pixels(tmp_path / "second-1.png") - _pixels(paths[1])).max() > 0  # sharing fewer layers changes it
+    assert np.abs(pixels(tmp_path / "second-1.png") - pixels(paths[1])).max() > 0  # sharing fewer layers changes it
     # the GroupNorms share the reference's statistics by default; --no-shared-norms keeps their own
     own = tmp_path / "own.png"
     assert main(_args(tiny_sdxl, own, [PROMPTS[0], PROMPTS[1]], "--keys-scale", "0.9", "--no-shared-norms")) == 0
     assert json.loads((own.parent / (own.name + ".json")).read_text())["settings"]["no_shared_norms"] is True
     assert sidecar["settings"]["no_shared_norms"] is False
-    assert np.abs(_pixels(tmp_path / "own-0.png") - _pixels(alone)).max() <= 1  # the reference: unchanged either way
-    assert np.abs(_pixels(tmp_path / "own-1.png") - _pixels(paths[1])).max() > 0
+    assert np.abs(pixels(tmp_path / "own-0.png") - pixels(alone)).max() <= 1  # the reference: unchanged either way
+    assert np.abs(pixels(tmp_path / "own-1.png") - pixels(paths[1])).max() > 0
 
 
 @pytest.mark.parametrize(

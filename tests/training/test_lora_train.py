@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.training_runs import assert_same_weights, kill_mid_run_then_resume, reordered_atol, run_two_ranks
 from instantstyle.pipelines.errors import UserError
 from instantstyle.training import train_lora
 from instantstyle.training.lora import (
@@ -28,6 +26,7 @@ from instantstyle.training.lora import (
 from instantstyle.training.report import read_metrics
 
 RES = 32
+LR = 1e-3
 STYLE, CONTENT = "up_blocks.0.attentions.1.", "up_blocks.0.attentions.0."
 
 
@@ -137,19 +136,13 @@ def test_loss_falls_only_lora_weights_change_and_the_export_loads_to_the_same_ou
 
 
 def _kwargs(root, out, **extra):
-    return dict({"target": "b-lora", "rank": 2, "lr": 1e-3, "resolution": RES, "batch_size": 2, "max_steps": 4, "checkpoint_every": 2,
+    return dict({"target": "b-lora", "rank": 2, "lr": LR, "resolution": RES, "batch_size": 2, "max_steps": 4, "checkpoint_every": 2,
                      "keep_checkpoints": 1, "seed": 5, "device": "cpu", "progress": False}, **extra) | {
         "model": str(root / "model"), "data": str(root / "data" / "pairs.jsonl"), "out": str(out)}
 
 
 def _weights(out):
     return load_file(str(out / "final" / WEIGHT_NAME))
-
-
-def _assert_same(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
 def test_resume_equals_one_go(train_root, tmp_path, capsys):
@@ -159,7 +152,7 @@ def test_resume_equals_one_go(train_root, tmp_path, capsys):
     assert {k.split(".lora")[0][len("unet."):] for k in _weights(one)} == set(_by_hand(train_root, (STYLE, CONTENT)))
     train_lora(**_kwargs(train_root, two, max_steps=2))
     train_lora(**_kwargs(train_root, two, resume="latest"))
-    _assert_same(_weights(one), _weights(two))  # bitwise
+    assert_same_weights(_weights(one), _weights(two))  # bitwise
     assert [r["step"] for r in read_metrics(str(two))] == [1, 2, 3, 4]
     assert [r["loss"] for r in read_metrics(str(two))] == [r["loss"] for r in read_metrics(str(one))]
     assert os.listdir(two / "checkpoints") == ["checkpoint-4"]  # keep 1
@@ -168,13 +161,9 @@ def test_resume_equals_one_go(train_root, tmp_path, capsys):
         train_lora(**_kwargs(train_root, two, resume="latest", rank=4, max_steps=6))
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
 def _cli(root, out, *extra):
     return ["train-lora", "--model", str(root / "model"), "--data", str(root / "data" / "pairs.jsonl"),
-            "--out", str(out), "--resolution", str(RES), "--seed", "5", "--rank", "2", "--lr", "1e-3",
+            "--out", str(out), "--resolution", str(RES), "--seed", "5", "--rank", "2", "--lr", str(LR),
             "--device", "cpu", "--threads", "1", "--no-progress", *extra]
 
 
@@ -183,14 +172,11 @@ def test_one_process_equals_two_processes_at_the_same_global_batch(train_root, t
     one, two = tmp_path / "one", tmp_path / "two"
     # one process, 2 micro-batches of 2 vs two processes, 1 micro-batch of 2 each: one global batch of 4
     train_lora(**_kwargs(train_root, one, batch_size=4, max_steps=3, gradient_accumulation=2))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(29700 + os.getpid() % 1000), "-m", "instantstyle",
-           *_cli(train_root, two, "--target", "b-lora", "--batch-size", "4", "--max-steps", "3",
-                 "--checkpoint-every", "2", "--validation-every", "3", "--validation-prompts", "a dog", "a cat",
-                 "--validation-inference-steps", "2")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, check=False)
+    proc = run_two_ranks(_cli(train_root, two, "--target", "b-lora", "--batch-size", "4", "--max-steps", "3",
+                               "--checkpoint-every", "2", "--validation-every", "3", "--validation-prompts", "a dog", "a cat",
+                               "--validation-inference-steps", "2"), port_base=29700)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same(_weights(one), _weights(two), atol=1e-6)
+    assert_same_weights(_weights(one), _weights(two), atol=reordered_atol(LR))
     assert [r["step"] for r in read_metrics(str(two))] == [1, 2, 3]
     assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(read_metrics(str(one)), read_metrics(str(two))))
     from PIL import Image
@@ -203,17 +189,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_a_step(train_root, tmp
     out, steps = tmp_path / "killed", 8
     args = _cli(train_root, out, "--batch-size", "2", "--max-steps", str(steps), "--checkpoint-every", "1",
                 "--keep-checkpoints", "2")
-    proc = subprocess.Popen([sys.executable, "-m", "instantstyle", *args], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 240
-    while len(read_metrics(str(out))) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(read_metrics(str(out)))
-    assert 3 <= done < steps, f"the run was not killed mid-way ({done} steps)"
-    proc = subprocess.run([sys.executable, "-m", "instantstyle", *args, "--resume", "latest", "--json"], env=_env(),
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = kill_mid_run_then_resume(args, out, steps, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == steps and result["exports"] == {WEIGHT_NAME: str(out / "final" / WEIGHT_NAME)}
@@ -221,7 +197,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_a_step(train_root, tmp
     assert set(os.listdir(out / "checkpoints")) == {f"checkpoint-{steps - 1}", f"checkpoint-{steps}"}  # keep 2
     reference = tmp_path / "reference"
     train_lora(**_kwargs(train_root, reference, max_steps=steps, checkpoint_every=0))
-    _assert_same(_weights(out), _weights(reference), atol=1e-6)
+    assert_same_weights(_weights(out), _weights(reference), atol=reordered_atol(LR))
 
 
 def test_cli_mistakes_and_a_missing_peft_are_one_line_errors(train_root, tmp_path, capsys, monkeypatch):

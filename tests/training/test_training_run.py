@@ -5,15 +5,12 @@ the export."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.training_runs import assert_same_weights, kill_mid_run_then_resume, reordered_atol, run_two_ranks
 from instantstyle.pipelines.errors import UserError
 from instantstyle.training import train_adapter
 from instantstyle.training.report import read_metrics
@@ -29,12 +26,6 @@ def _kwargs(root, out, **extra):
 
 def _weights(out):
     return load_file(str(out / "final" / "ip_adapter.safetensors"))
-
-
-def _assert_same(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
 def test_loss_falls_on_a_fixed_batch(train_root):
@@ -70,8 +61,8 @@ def test_resume_equals_one_go_and_diffusers_reads_the_export(train_root, tmp_pat
     assert result["step"] == 4 and "skipped 3 bad row(s)" in capsys.readouterr().err
     train_adapter(**_kwargs(train_root, two, max_steps=2))
     train_adapter(**_kwargs(train_root, two, resume="latest"))
-    _assert_same(_weights(one), _weights(two))  # bitwise
-    _assert_same(load_file(str(one / "checkpoints" / "checkpoint-4" / "adapter.safetensors")),
+    assert_same_weights(_weights(one), _weights(two))  # bitwise
+    assert_same_weights(load_file(str(one / "checkpoints" / "checkpoint-4" / "adapter.safetensors")),
                  load_file(str(two / "checkpoints" / "checkpoint-4" / "adapter.safetensors")))
     assert [r["step"] for r in read_metrics(str(two))] == [1, 2, 3, 4]
     assert [r["loss"] for r in read_metrics(str(two))] == [r["loss"] for r in read_metrics(str(one))]
@@ -89,10 +80,6 @@ def test_resume_equals_one_go_and_diffusers_reads_the_export(train_root, tmp_pat
         == "IPAdapterAttnProcessor2_0"
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
 def _cli(root, out, *extra):
     return ["train-adapter", "--model", str(root / "model"), "--image-encoder", str(root / "image_encoder"),
             "--data", str(root / "data" / "pairs.jsonl"), "--out", str(out), "--resolution", str(RES), "--seed", "5",
@@ -104,14 +91,12 @@ def test_one_process_equals_two_processes_at_the_same_global_batch(train_root, t
     one, two = tmp_path / "one", tmp_path / "two"
     # one process, 2 micro-batches of 2 vs two processes, 1 micro-batch of 2 each: one global batch of 4
     train_adapter(**_kwargs(train_root, one, batch_size=4, max_steps=3, gradient_accumulation=2))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(29600 + os.getpid() % 1000), "-m", "instantstyle",
-           *_cli(train_root, two, "--batch-size", "4", "--max-steps", "3", "--checkpoint-every", "2",
-                 "--validation-every", "3", "--validation-prompts", "a dog", "a cat",
-                 "--validation-images", str(train_root / "style.png"), "--validation-inference-steps", "2")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    args = _cli(train_root, two, "--batch-size", "4", "--max-steps", "3", "--checkpoint-every", "2",
+                "--validation-every", "3", "--validation-prompts", "a dog", "a cat",
+                "--validation-images", str(train_root / "style.png"), "--validation-inference-steps", "2")
+    proc = run_two_ranks(args, port_base=29600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same(_weights(one), _weights(two), atol=1e-6)
+    assert_same_weights(_weights(one), _weights(two), atol=reordered_atol(1e-4))  # train_adapter's default lr
     assert [r["step"] for r in read_metrics(str(two))] == [1, 2, 3]
     losses = zip(read_metrics(str(one)), read_metrics(str(two)))
     assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in losses)
@@ -126,23 +111,13 @@ def test_a_killed_run_resumes_without_losing_or_repeating_a_step(train_root, tmp
     out, steps = tmp_path / "killed", 8
     args = _cli(train_root, out, "--batch-size", "2", "--max-steps", str(steps), "--checkpoint-every", "1",
                 "--keep-checkpoints", "2")
-    proc = subprocess.Popen([sys.executable, "-m", "instantstyle", *args], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 240
-    while len(read_metrics(str(out))) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(read_metrics(str(out)))
-    assert 3 <= done < steps, f"the run was not killed mid-way ({done} steps)"
-    proc = subprocess.run([sys.executable, "-m", "instantstyle", *args, "--resume", "latest"], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = kill_mid_run_then_resume(args, out, steps)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_metrics(str(out))] == list(range(1, steps + 1))
     assert set(os.listdir(out / "checkpoints")) == {f"checkpoint-{steps - 1}", f"checkpoint-{steps}"}  # keep 2
     reference = tmp_path / "reference"
     train_adapter(**_kwargs(train_root, reference, max_steps=steps, checkpoint_every=0))
-    _assert_same(_weights(out), _weights(reference), atol=1e-6)
+    assert_same_weights(_weights(out), _weights(reference), atol=reordered_atol(1e-4))  # train_adapter's default lr
     assert [r["loss"] for r in read_metrics(str(out))] == pytest.approx([r["loss"] for r in read_metrics(str(reference))],
                                                                        abs=1e-6)
 
