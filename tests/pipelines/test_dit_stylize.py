@@ -171,6 +171,7 @@ def test_stylize_cli_dit_mistakes_are_one_line(tiny_flux_dir, tiny_sd3_dir, tmp_
         (r, xlabs, ["--preset", "single"], r"double-stream blocks \(transformer_blocks.N\) only"),
         (tiny_sd3_dir, ["--ip-adapter", str(tiny_sd3_dir / "ip-adapter.bin"), "--image-encoder", str(tiny_sd3_dir / "siglip_image_encoder")],
          ["--content-prompt", "a cat"], r"patch features"),
+        (r, xlabs, ["--negative-style", str(r / "style2.png")], r"on Flux a negative image enters only true CFG"),
     ]
     for root, model, extra, message in cases:
         code = _cli(root, model, tmp_path / "e.png", *extra)
@@ -207,43 +208,86 @@ def test_flux_prompts_with_their_own_references_equal_their_single_runs(tiny_flu
                                                    content_prompt=(contents or [None, None])[1]), rtol=1e-4, atol=1e-4)
 
 
-def test_sd3_refuses_per_prompt_references_and_dits_refuse_negative_images(tiny_flux_dir, tiny_sd3_dir):
-    ref = Image.open(tiny_sd3_dir / "style.png")
-    with pytest.raises(ValueError, match="^style_images: per-prompt references are supported for UNet and Flux "
-                                         "pipelines, not sd3$"):
-        _style(tiny_sd3_dir, "sd3").ip_inputs([ref, ref], num_prompts=2)
-    with pytest.raises(ValueError, match="^negative_style_images: supported for UNet pipelines"):
-        _style(tiny_flux_dir, "xlabs").ip_inputs([ref], negative_style_images=ref)
+def test_sd3_prompts_with_their_own_references_and_negatives_equal_their_single_runs(tiny_sd3_dir):
+    """diffusers issue 9813 on SD3.5: per-prompt references (and negative images) pair one-to-one."""
+    style = _style(tiny_sd3_dir, "sd3")
+    refs = [Image.open(tiny_sd3_dir / name).convert("RGB") for name in ("style.png", "style2.png")]
+    prompts, seeds = ["a dog", "a house by the sea"], [3, 4]
+    for negatives in (None, [refs[1], refs[0]]):
+        batched = _flux_run(style, prompts, refs, seeds, negative_style_images=negatives)
+        alone = [_flux_run(style, p, [r], [s], negative_style_images=n)
+                 for p, r, s, n in zip(prompts, refs, seeds, negatives or [None, None])]
+        for i in range(2):
+            torch.testing.assert_close(batched[i:i + 1], alone[i], rtol=1e-4, atol=1e-4)
+    other = _flux_run(style, prompts[0], [refs[1]], seeds[:1])
+    assert (other - _flux_run(style, prompts[0], [refs[0]], seeds[:1])).abs().max() > 1e-3  # the reference matters
+    two = _flux_run(style, prompts, refs, [3, 5, 4, 6], num_images_per_prompt=2)
+    torch.testing.assert_close(two[2:3], _flux_run(style, prompts[1], [refs[1]], [4]), rtol=1e-4, atol=1e-4)
 
 
-def test_stylize_batch_packs_flux_rows_with_different_references(tiny_flux_dir, tmp_path):
-    r = tiny_flux_dir
+def test_sd3_negative_image_is_the_unconditional_half(tiny_sd3_dir):
+    style = _style(tiny_sd3_dir, "sd3")
+    ref, negative = (Image.open(tiny_sd3_dir / n).convert("RGB") for n in ("style.png", "style2.png"))
+    embeds = style.ip_inputs([ref], negative_style_images=negative)["ip_adapter_image_embeds"]
+    pixels = style.pipe.feature_extractor([negative, ref], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        by_hand = style.pipe.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(embeds, by_hand)  # [negative ; reference], the pipeline's CFG order
+    assert style.ip_inputs([ref], do_classifier_free_guidance=False,
+                           negative_style_images=negative)["ip_adapter_image_embeds"].shape[0] == 1
+    zeros, with_negative = (_flux_run(style, "a dog", [ref], [3], negative_style_images=n) for n in (None, negative))
+    assert (zeros - with_negative).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="^negative_images: the SD3.5 IP-Adapter takes one style image, got 2$"):
+        style.ip_inputs([ref], negative_style_images=[negative, negative])
+    with pytest.raises(ContentSubtractionError, match="^negative_content_prompt: the SD3.5 IP-Adapter reads SigLIP"):
+        style.ip_inputs([ref], negative_style_images=negative, negative_content_prompt="a cat")
+
+
+@pytest.mark.parametrize("fmt,text", [("xlabs", "clip_text"), ("instantx", "siglip_text")])
+def test_flux_negative_images_are_true_cfgs_negative_embeds(tiny_flux_dir, fmt, text):
+    style = _style(tiny_flux_dir, fmt, text, target="all")
+    refs = [Image.open(tiny_flux_dir / n).convert("RGB") for n in ("style.png", "style2.png")]
+    inputs = style.ip_inputs([refs[0]], negative_style_images=refs[1], negative_content_prompt="a cat", content_scale=0.7)
+    with torch.no_grad():
+        expected = _by_hand_image(style, [refs[1]]) - 0.7 * _by_hand_text(style, "a cat")
+    (neg,) = inputs["negative_ip_adapter_image_embeds"]
+    torch.testing.assert_close(neg[0], expected, rtol=1e-6, atol=1e-6)
+    true_cfg = {"true_cfg_scale": 2.0, "negative_prompt": "blurry"}  # diffusers reads the negatives only then
+    black = _flux_run(style, "a dog", [refs[0]], [3], **true_cfg)
+    assert (black - _flux_run(style, "a dog", [refs[0]], [3], negative_style_images=refs[1], **true_cfg)).abs().max() > 1e-3
+    prompts, seeds, negatives = ["a dog", "a boat"], [3, 4], [refs[1], refs[0]]
+    batched = _flux_run(style, prompts, refs, seeds, negative_style_images=negatives, **true_cfg)
+    for i in range(2):
+        alone = _flux_run(style, prompts[i], [refs[i]], [seeds[i]], negative_style_images=negatives[i], **true_cfg)
+        torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="^negative_style_images: on Flux a negative image enters only true CFG"):
+        _flux_run(style, "a dog", [refs[0]], [3], negative_style_images=refs[1])  # no true CFG: it would do nothing
+    with pytest.raises(ValueError, match=r"^negative_images\[0\]: expected 1 or 2 images \(one per style image\), got 3$"):
+        style.ip_inputs([refs], negative_style_images=[refs[0]] * 3)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_stylize_batch_packs_dit_rows_with_different_references(tiny_flux_dir, tiny_sd3_dir, family, tmp_path):
+    r = tiny_flux_dir if family == "flux" else tiny_sd3_dir
     manifest = tmp_path / "jobs.jsonl"
-    manifest.write_text("".join(json.dumps({"prompt": p, "style": str(r / s), "name": n, "seed": seed}) + "\n"
-                                for p, s, n, seed in (("a dog", "style.png", "dog", 3), ("a boat", "style2.png", "boat", 4))))
-    common = ["stylize-batch", str(manifest), "--model", str(r / "model"), "--ip-adapter", str(r / "xlabs.safetensors"),
-              "--image-encoder", str(r / "clip_image_encoder"), "--steps", "2", "--height", "16", "--width", "16",
-              "--threads", "1"]  # no --target: XLabs' default, all (its blocks have no style split)
+    rows = [{"prompt": "a dog", "style": str(r / "style.png"), "name": "dog", "seed": 3},
+            {"prompt": "a boat", "style": str(r / "style2.png"), "name": "boat", "seed": 4}]
+    if family == "sd3":  # a negative image in one row of the pack: the other keeps its zero half
+        rows[0]["negative_style"] = str(r / "style2.png")
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    adapter = ["--ip-adapter", str(r / "xlabs.safetensors"), "--image-encoder", str(r / "clip_image_encoder")]
+    if family == "sd3":
+        adapter = ["--ip-adapter", str(r / "ip-adapter.bin"), "--image-encoder", str(r / "siglip_image_encoder")]
+    common = ["stylize-batch", str(manifest), "--model", str(r / "model"), *adapter, "--steps", "2", "--height", "16",
+              "--width", "16", "--threads", "1"]  # no --target: the adapter's default, all (XLabs: double blocks)
     assert main(common + ["--out", str(tmp_path / "one")]) == 0
     assert main(common + ["--out", str(tmp_path / "packed"), "--pack", "2"]) == 0
+    blocks = 2 if family == "flux" else 3
     for name in ("dog", "boat"):
         record = json.loads((tmp_path / "packed" / f"{name}.png.json").read_text())
-        assert record["packed"] == 2 and record["targets"] == [f"transformer_blocks.{i}.attn.processor" for i in range(2)]
+        assert record["packed"] == 2 and record["target"] == "all"
+        assert record["targets"] == [f"transformer_blocks.{i}.attn.processor" for i in range(blocks)]
         one, packed = (np.asarray(Image.open(tmp_path / d / f"{name}.png"), dtype=np.int16) for d in ("one", "packed"))
         assert np.abs(one - packed).max() <= 1, name  # batched float32 sums differ in the last bit
     dog, boat = (np.asarray(Image.open(tmp_path / "packed" / f"{n}.png"), dtype=np.int16) for n in ("dog", "boat"))
     assert np.abs(dog - boat).max() > 2  # paired, not blended: the rows of one pack differ
-
-
-def test_stylize_batch_on_sd3_runs_rows_one_by_one_under_pack(tiny_sd3_dir, tmp_path, capsys):
-    r = tiny_sd3_dir
-    manifest = tmp_path / "jobs.jsonl"
-    manifest.write_text("".join(json.dumps({"prompt": p, "style": str(r / "style.png"), "name": n}) + "\n"
-                                for p, n in (("a dog", "dog"), ("a boat", "boat"))))
-    assert main(["stylize-batch", str(manifest), "--model", str(r / "model"), "--ip-adapter", str(r / "ip-adapter.bin"),
-                 "--image-encoder", str(r / "siglip_image_encoder"), "--steps", "1", "--height", "16", "--width", "16",
-                 "--threads", "1", "--out", str(tmp_path / "out"), "--pack", "2"]) == 0
-    assert "--pack has no effect on SD3.5" in capsys.readouterr().err
-    for name in ("dog", "boat"):
-        record = json.loads((tmp_path / "out" / f"{name}.png.json").read_text())
-        assert "packed" not in record and record["target"] == "all"

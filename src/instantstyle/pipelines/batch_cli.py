@@ -210,11 +210,7 @@ def _wire(args, state, hub):
     def generate(job: Job, seed: int):
         return run_rows([job], [seed])[0]
 
-    if style.family == "sd3" and args.pack > 1:  # its pipeline takes one reference set per call
-        print("stylize-batch: --pack has no effect on SD3.5 (no per-prompt references); rows run one by one",
-              file=sys.stderr)
-    else:
-        generate.many = run_rows  # --pack: several rows per call
+    generate.many = run_rows  # --pack: several rows per call
     return generate
 
 

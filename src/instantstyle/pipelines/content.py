@@ -141,7 +141,7 @@ def style_image_embeds(
                 "--content-text-encoder DIR on the command line"
             )
         text = encode_text(text_encoder, tokenizer, content_prompt)
-    negatives = _negative_entries(negative_images, len(kinds))
+    negatives = negative_entries(negative_images, len(kinds))
     negative_text = None
     if negative_content_prompt and negatives is not None:
         text_encoder = text_encoder or getattr(pipe, "text_encoder_2", None)
@@ -172,8 +172,8 @@ def style_image_embeds(
     return out
 
 
-def _negative_entries(negative_images, adapters: int):
-    """``negative_images`` as one list of images per adapter, or None."""
+def negative_entries(negative_images, adapters: int):
+    """``negative_images`` as one list of images per adapter, or None (shared with the DiT inputs)."""
     if negative_images is None:
         return None
     if not isinstance(negative_images, (list, tuple)):

@@ -16,7 +16,8 @@ The subtraction happens in the space of the adapter's own image encoder:
 The inputs differ per pipeline: Flux takes ``ip_adapter_image_embeds`` (one
 ``(1, n_images, D)`` tensor per adapter) plus ``negative_ip_adapter_image_embeds``
 (diffusers encodes a black image for it; without it the pipeline needs an image encoder
-of CLIP's class); SD3 takes ONE tensor ``(2, tokens, D)`` (zeros first) with CFG.
+of CLIP's class); SD3 takes ONE tensor ``(2, tokens, D)`` (zeros first) with CFG.  A
+negative style image replaces the black image or the zeros.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 from instantstyle.loaders.hub import is_siglip
 from instantstyle.processors.core.models import transformer_family, unet_of
 
-from .content import ContentSubtractionError, subtract_content
+from .content import ContentSubtractionError, negative_entries, subtract_content
 
 XLABS, INSTANTX, SD3 = "xlabs", "instantx", "instantx-sd3"
 
@@ -119,43 +120,72 @@ def dit_style_inputs(
     text_encoder=None,
     tokenizer=None,
     do_classifier_free_guidance: bool = True,
+    negative_images: Optional[Sequence] = None,
+    negative_content_prompt: Optional[str] = None,
 ) -> Dict[str, object]:
     """Keyword arguments for a Flux or SD3 pipeline call carrying the (content-subtracted)
     style references: one ``style_images`` entry (an image or a list) per loaded adapter.
 
-    ``do_classifier_free_guidance`` matters for SD3 only (Flux has no CFG halves)."""
+    ``do_classifier_free_guidance`` matters for SD3 only (Flux has no CFG halves).
+    ``negative_images`` (one entry per adapter, as for the UNet's ``style_image_embeds``)
+    replace the image side of the unconditional prediction: SD3's zero half, and Flux's
+    black-image ``negative_ip_adapter_image_embeds`` (read by diffusers only under true CFG:
+    ``true_cfg_scale > 1`` with a negative prompt).  ``negative_content_prompt`` is subtracted
+    from Flux's negatives as ``content_prompt`` is from the references."""
     encoder, processor = getattr(pipe, "image_encoder", None), getattr(pipe, "feature_extractor", None)
     if encoder is None or processor is None:
         raise ValueError("pipe: expected an image_encoder and a feature_extractor (CLIP ViT-L for XLabs, SigLIP for InstantX)")
     kinds = dit_adapter_kinds(pipe)
     if len(style_images) != len(kinds):
         raise ValueError(f"style_images: expected one entry per loaded IP-Adapter ({len(kinds)}), got {len(style_images)}")
+    negatives = negative_entries(negative_images, len(kinds))
     if kinds == [SD3]:
-        images = list(style_images[0]) if isinstance(style_images[0], (list, tuple)) else [style_images[0]]
-        if content_prompt:
-            raise ContentSubtractionError(
-                "content_prompt: the SD3.5 IP-Adapter reads SigLIP patch features (penultimate hidden states), not a "
-                "global embedding; content subtraction applies to global-embedding adapters only: drop it"
-            )
-        if len(images) != 1:
-            raise ValueError(f"style_images: the SD3.5 IP-Adapter takes one style image, got {len(images)}")
+        images = images_of(style_images[0])
+        for name, given in (("content_prompt", content_prompt), ("negative_content_prompt", negative_content_prompt)):
+            if given:
+                raise ContentSubtractionError(
+                    f"{name}: the SD3.5 IP-Adapter reads SigLIP patch features (penultimate hidden states), not a "
+                    "global embedding; content subtraction applies to global-embedding adapters only: drop it"
+                )
+        for name, given in (("style_images", images), ("negative_images", negatives[0] if negatives else [None])):
+            if len(given) != 1:
+                raise ValueError(f"{name}: the SD3.5 IP-Adapter takes one style image, got {len(given)}")
         embeds = encode_patches(encoder, processor, images)
-        return {"ip_adapter_image_embeds": torch.cat([torch.zeros_like(embeds), embeds]) if do_classifier_free_guidance else embeds}
-    if content_prompt and (text_encoder is None or tokenizer is None):
-        raise ContentSubtractionError(
-            f"content_prompt: the {LABEL[kinds[0]]} adapter needs {TEXT_ENCODER_FOR[kinds[0]]} for content subtraction: "
-            "text_encoder= and tokenizer= in Python, --content-text-encoder DIR on the command line"
-        )
+        if not do_classifier_free_guidance:
+            return {"ip_adapter_image_embeds": embeds}
+        uncond = torch.zeros_like(embeds) if negatives is None else encode_patches(encoder, processor, negatives[0])
+        return {"ip_adapter_image_embeds": torch.cat([uncond, embeds])}
+    for name, given in (("content_prompt", content_prompt), ("negative_content_prompt", negative_content_prompt)):
+        if given and (text_encoder is None or tokenizer is None):
+            raise ContentSubtractionError(
+                f"{name}: the {LABEL[kinds[0]]} adapter needs {TEXT_ENCODER_FOR[kinds[0]]} for content subtraction: "
+                "text_encoder= and tokenizer= in Python, --content-text-encoder DIR on the command line"
+            )
     positive, negative = [], []
     black = _black_image()
     for i, (entry, kind) in enumerate(zip(style_images, kinds)):
-        embeds = encode_global(encoder, processor, images_of(entry))
-        if content_prompt:
-            text = encode_content(text_encoder, tokenizer, content_prompt, kind, encoder)
-            embeds = subtract_content(embeds, text.to(embeds.device), content_scale, fits=TEXT_ENCODER_FOR[kind])
-        positive.append(embeds[None])
-        negative.append(encode_global(encoder, processor, [black])[None])  # as diffusers: a black image, not subtracted
+        images = images_of(entry)
+        positive.append(_global_embeds(encoder, processor, images, kind, content_prompt, content_scale,
+                                       text_encoder, tokenizer)[None])
+        if negatives is None:  # as diffusers: a black image, not subtracted
+            negative.append(encode_global(encoder, processor, [black])[None])
+            continue
+        if len(negatives[i]) not in (1, len(images)):
+            raise ValueError(f"negative_images[{i}]: expected 1 or {len(images)} images (one per style image), "
+                             f"got {len(negatives[i])}")
+        embeds = _global_embeds(encoder, processor, negatives[i], kind, negative_content_prompt, content_scale,
+                                text_encoder, tokenizer)
+        negative.append(embeds.expand(len(images), -1)[None])
     return {"ip_adapter_image_embeds": positive, "negative_ip_adapter_image_embeds": negative}
+
+
+def _global_embeds(encoder, processor, images, kind, content_prompt, content_scale, text_encoder, tokenizer):
+    """``(n, D)`` embeddings of ``images``, less ``content_scale`` x the content prompt's."""
+    embeds = encode_global(encoder, processor, images)
+    if content_prompt:
+        text = encode_content(text_encoder, tokenizer, content_prompt, kind, encoder)
+        embeds = subtract_content(embeds, text.to(embeds.device), content_scale, fits=TEXT_ENCODER_FOR[kind])
+    return embeds
 
 
 def images_of(entry) -> list:

@@ -88,15 +88,19 @@ def embeds_as_given(pipe):
     batch (``[2 * B * num_images_per_prompt, ...]`` with CFG) as they are.  diffusers' own
     ``prepare_ip_adapter_image_embeds`` repeats them once per prompt (diffusers issue 9813),
     which would pair every prompt with all references; embeds of one row keep its behaviour.
-    UNet pipelines pass ``do_classifier_free_guidance`` after the count; Flux's (true CFG is a
-    second call, not a second half of the batch) pass nothing after it."""
+    UNet and SD3 pipelines pass ``do_classifier_free_guidance`` after the count (SD3's embeds
+    are one tensor, not a list); Flux's (true CFG is a second call, not a second half of the
+    batch) pass nothing after it."""
     original = pipe.prepare_ip_adapter_image_embeds
     own = "prepare_ip_adapter_image_embeds" in vars(pipe)
 
     def prepare(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt, *args, **kwargs):
         cfg = args[0] if args else kwargs.get("do_classifier_free_guidance", False)
         rows = num_images_per_prompt * (2 if cfg else 1)
-        if isinstance(ip_adapter_image_embeds, (list, tuple)) and all(e.shape[0] == rows for e in ip_adapter_image_embeds):
+        if isinstance(ip_adapter_image_embeds, torch.Tensor):  # SD3: one adapter, one tensor
+            if ip_adapter_image_embeds.shape[0] == rows:
+                return ip_adapter_image_embeds.to(device)
+        elif isinstance(ip_adapter_image_embeds, (list, tuple)) and all(e.shape[0] == rows for e in ip_adapter_image_embeds):
             return [e.to(device) for e in ip_adapter_image_embeds]
         return original(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt, *args, **kwargs)
 
@@ -124,6 +128,14 @@ def stack_per_prompt(per_prompt: list, num_images_per_prompt: int, cfg: bool) ->
         halves = [torch.cat([r[h:h + 1] for r in rows]) for h in (range(2) if cfg else range(1))]
         out.append(torch.cat([half.repeat_interleave(num_images_per_prompt, dim=0) for half in halves]))
     return out
+
+
+def _per_prompt_negatives(negative_style_images, num_prompts: int) -> list:
+    """One negative entry (an image, a list, or None) per prompt: a list of ``num_prompts``
+    is per prompt, anything else is shared by every prompt."""
+    if isinstance(negative_style_images, (list, tuple)) and len(negative_style_images) == num_prompts:
+        return list(negative_style_images)
+    return [negative_style_images] * num_prompts
 
 
 def layers_of(report) -> list:
@@ -254,11 +266,7 @@ class InstantStyle:
             )
         contents = _per_prompt("content_prompt", content_prompt, num_prompts)
         scales = _per_prompt("content_scale", content_scale, num_prompts)
-        negatives = negative_style_images
-        if isinstance(negatives, (list, tuple)) and len(negatives) == num_prompts:
-            negatives = list(negatives)  # one (image or list) per prompt
-        else:
-            negatives = [negatives] * num_prompts
+        negatives = _per_prompt_negatives(negative_style_images, num_prompts)
         rows = [style_image_embeds(self.pipe, [images], contents[i], scales[i], self.text_encoder, self.tokenizer,
                                    do_classifier_free_guidance, self._negatives(negatives[i]), negative_content_prompt)
                 for i, images in enumerate(per_prompt)]
@@ -266,8 +274,9 @@ class InstantStyle:
 
     @staticmethod
     def _negatives(negative_style_images):
-        if negative_style_images is None:
-            return None
+        if negative_style_images is None or (isinstance(negative_style_images, (list, tuple))
+                                             and all(n is None for n in negative_style_images)):
+            return None  # stylize-batch passes one None per row
         images = negative_style_images if isinstance(negative_style_images, (list, tuple)) else [negative_style_images]
         return [list(images)]  # the one adapter's negatives
 
@@ -275,31 +284,41 @@ class InstantStyle:
                   negative_style_images=None, negative_content_prompt: Optional[str] = None, num_prompts: int = 1,
                   num_images_per_prompt: int = 1) -> dict:
         """The pipeline call's IP-Adapter keyword arguments: ``ip_adapter_image_embeds`` (and for
-        Flux ``negative_ip_adapter_image_embeds``), content-subtracted, in each pipeline's layout."""
+        Flux ``negative_ip_adapter_image_embeds``), content-subtracted, in each pipeline's layout.
+        Per-prompt references and negatives (see :meth:`embeds`) work for every family; Flux
+        reads its negatives only under true CFG (``true_cfg_scale > 1`` and a negative prompt)."""
         if self.family is None:
             return {"ip_adapter_image_embeds": self.embeds(style_images, content_prompt, content_scale,
                                                            do_classifier_free_guidance, negative_style_images,
                                                            negative_content_prompt, num_prompts, num_images_per_prompt)}
         per_prompt = per_prompt_styles(style_images, num_prompts)
-        if negative_style_images is not None and not (isinstance(negative_style_images, (list, tuple))
-                                                      and all(n is None for n in negative_style_images)):
-            raise ValueError(f"negative_style_images: supported for UNet pipelines (SD1.5/SDXL), not {self.family}")
-        if per_prompt is not None and self.family != "flux":
-            raise ValueError(f"style_images: per-prompt references are supported for UNet and Flux pipelines, "
-                             f"not {self.family}")
         if per_prompt is None:
             images = style_images if isinstance(style_images, (list, tuple)) else [style_images]
             return dit_style_inputs(self.pipe, [list(images)], content_prompt, content_scale, self.text_encoder,
-                                    self.tokenizer, do_classifier_free_guidance)
+                                    self.tokenizer, do_classifier_free_guidance, self._negatives(negative_style_images),
+                                    negative_content_prompt)
         contents = _per_prompt("content_prompt", content_prompt, num_prompts)
         scales = _per_prompt("content_scale", content_scale, num_prompts)
+        negatives = _per_prompt_negatives(negative_style_images, num_prompts)
         rows = [dit_style_inputs(self.pipe, [images], contents[i], scales[i], self.text_encoder, self.tokenizer,
-                                 do_classifier_free_guidance) for i, images in enumerate(per_prompt)]
-        # Flux's batch has no CFG half: row i of the embeds is prompt i's; the black-image
-        # negatives (true CFG's second call) are the same for every prompt, one row
-        return {"ip_adapter_image_embeds": stack_per_prompt([r["ip_adapter_image_embeds"] for r in rows],
-                                                            num_images_per_prompt, cfg=False),
-                "negative_ip_adapter_image_embeds": rows[0]["negative_ip_adapter_image_embeds"]}
+                                 do_classifier_free_guidance, self._negatives(negatives[i]), negative_content_prompt)
+                for i, images in enumerate(per_prompt)]
+        if self.family == "sd3":  # one tensor, zeros (or negatives) first under CFG, as the UNet's halves
+            embeds = stack_per_prompt([[r["ip_adapter_image_embeds"]] for r in rows], num_images_per_prompt,
+                                      do_classifier_free_guidance)
+            return {"ip_adapter_image_embeds": embeds[0]}
+        # Flux's batch has no CFG half: row i of the embeds, and of true CFG's negatives, is prompt i's
+        return {key: stack_per_prompt([r[key] for r in rows], num_images_per_prompt, cfg=False)
+                for key in ("ip_adapter_image_embeds", "negative_ip_adapter_image_embeds")}
+
+    def check_negatives(self, negative_style_images, pipe_kwargs: dict) -> None:
+        """A negative image must reach the image: Flux reads it only in true CFG's negative pass
+        (diffusers runs that pass with ``true_cfg_scale > 1`` and a negative prompt)."""
+        if self.family != "flux" or self._negatives(negative_style_images) is None:
+            return
+        if not (pipe_kwargs.get("true_cfg_scale", 1.0) > 1.0 and pipe_kwargs.get("negative_prompt") is not None):
+            raise ValueError("negative_style_images: on Flux a negative image enters only true CFG's negative pass: "
+                             "pass true_cfg_scale > 1 and a negative_prompt (the CLI runs Flux without true CFG)")
 
     def __call__(self, prompt, style_images, content_prompt=None, content_scale=0.5, target=None,
                  scale: Optional[float] = None, negative_style_images=None, negative_content_prompt: Optional[str] = None,
@@ -311,11 +330,10 @@ class InstantStyle:
         one-prompt run (with a list of B generators).  ``content_prompt``, ``content_scale``
         and ``negative_style_images`` may then be per-prompt lists too."""
         self.configure(target, scale)
+        self.check_negatives(negative_style_images, pipe_kwargs)
         cfg = pipe_kwargs.get("guidance_scale", 5.0) > 1.0
         num_prompts = len(prompt) if isinstance(prompt, (list, tuple)) else 1
         inputs = self.ip_inputs(style_images, content_prompt, content_scale, cfg, negative_style_images,
                                 negative_content_prompt, num_prompts, pipe_kwargs.get("num_images_per_prompt") or 1)
-        if self.family == "sd3":  # one reference set for all prompts (refused above otherwise)
-            return self.pipe(prompt=prompt, **inputs, **pipe_kwargs)
         with embeds_as_given(self.pipe):
             return self.pipe(prompt=prompt, **inputs, **pipe_kwargs)

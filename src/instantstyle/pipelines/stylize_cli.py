@@ -183,6 +183,7 @@ def _instantstyle(args, styles, pipe, encoder, processor, text_encoder, tokenize
 
     def generate(call):
         try:
+            style.check_negatives(negative, call)
             inputs = style.ip_inputs(styles, args.content_prompt, args.content_scale,
                                      do_classifier_free_guidance=args.guidance > 1.0, negative_style_images=negative)
         except ContentSubtractionError as exc:

@@ -88,3 +88,30 @@ def test_bad_checkpoint_one_line_error_model_unchanged():
         with pytest.raises(ValueError, match=words) as err:
             instantstyle.load_ip_adapter(model, state)
         assert "\n" not in str(err.value) and model.attn_processors == before
+
+
+def test_each_sample_attends_to_its_own_image_row_and_other_counts_are_refused():
+    """diffusers issue 9813 on SD3.5: image row i pairs with sample i, one row is shared, and a
+    processor given rows it can't pair refuses them (a ``view(batch, -1, ...)`` would blend them)."""
+    model = tiny_sd3()
+    instantstyle.load_ip_adapter(model, sd3_state(model), target="all", scale=0.7)
+    inputs, ip = sd3_inputs(batch=2), embeds(2, 1, 24)
+
+    def sample(i):
+        return {k: v[i:i + 1] for k, v in inputs.items()}
+
+    with torch.no_grad():
+        both = model(**inputs, joint_attention_kwargs={"ip_adapter_image_embeds": ip}).sample
+        alone = [model(**sample(i), joint_attention_kwargs={"ip_adapter_image_embeds": ip[i:i + 1]}).sample
+                 for i in range(2)]
+        swapped = model(**sample(0), joint_attention_kwargs={"ip_adapter_image_embeds": ip[1:]}).sample
+    for i in range(2):
+        assert (both[i:i + 1] - alone[i]).abs().max() < 1e-10
+    assert (swapped - alone[0]).abs().max() > 1e-6  # the reference matters, so the test can fail
+    attn = model.transformer_blocks[0].attn
+    proc = attn.processor
+    hidden = torch.randn(2, 6, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"ip_adapter_image_embeds\[0\]: expected image states for 1 or 2 samples"):
+        with torch.no_grad():
+            proc(attn, hidden, encoder_hidden_states=torch.randn(2, 5, 32, dtype=torch.float64),
+                 ip_hidden_states=torch.randn(4, 3, 32, dtype=torch.float64), temb=torch.randn(2, 32, dtype=torch.float64))

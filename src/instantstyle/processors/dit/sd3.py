@@ -25,6 +25,7 @@ from diffusers.models.attention_processor import (
 from ..core.contributors import AttentionCall, Contributor
 from ..core.drop_in import DropInProcessor
 from ..core.engine import LayerInputs, attend
+from ..core.ip_pairing import paired_ip_states
 from .joint_methods import changed_joint_attention
 from .joint_observe import observed_joint_attention
 
@@ -76,7 +77,7 @@ def parse_ip(proc, raw, ip_hidden_states, temb) -> LayerInputs:
     q, k, v = raw
     return LayerInputs(
         q=proc.norm_q(q), k=proc.norm_k(k), v=v, text_bias=None, full_mask=None, fallback_reason=None,
-        ip_states=[(ip_hidden_states, temb)], residual=None, input_shape=tuple(q.shape),
+        ip_states=[(paired_ip_states([ip_hidden_states], q.shape[0])[0], temb)], residual=None, input_shape=tuple(q.shape),
     )
 
 
