@@ -273,12 +273,11 @@ def run(args) -> int:
     ext = "." + args.format
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "command", "debug") and not callable(v)}
 
-    def save(image, path, record):
+    def save_image_row(image, path, record):
         save_image(image, path, png_text(dict(record["settings"], scheduler=record.get("scheduler"),
                                               backend=args.backend)))
 
-    if is_video(args):
-        save = save_video_row
+    save = save_video_row if is_video(args) else save_image_row
 
     with tqdm(total=len(mine), desc=f"stylize-batch (rank 0 of {world})", unit="row", file=sys.stderr,
               disable=not state.is_main_process, dynamic_ncols=True) as bar:

@@ -11,7 +11,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, Fl
 
 import instantstyle
 from instantstyle.processors.conversion import use_fused_processors
-from instantstyle.processors.dit.flux import FusedFluxInstantXAttnProcessor, FusedFluxIPAdapterAttnProcessor
+from instantstyle.processors.dit.flux import FusedFluxInstantXAttnProcessor
 from instantstyle.processors.targets.registry import registry_of
 
 from helpers.dit_fixtures import embeds, flux_inputs, instantx_flux_state, tiny_flux, xlabs_original_file, xlabs_state
