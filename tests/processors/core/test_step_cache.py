@@ -187,3 +187,37 @@ def test_conversions_that_keep_parameter_versions_empty_the_caches(convert):
     second = _step(unet, embeds, timestep=800)  # the same run: the conversion itself must empty the caches
     assert (second - _fresh(_loaded(), [image_embeds(2, 1, seed=7)], timestep=800)).abs().max() > 1e-6
     check_close(second, _fresh(unet, embeds, timestep=800), "fp32")
+
+
+def test_precise_swap_reuses_the_runs_kv_and_equals_swapping_the_states(monkeypatch):
+    """The precise types' CFG-half swap is done on the cached K/V (rows move; a zero row
+    projects to the bias), so a swapped layer projects once per run, and its output equals
+    projecting the swapped states by hand, a biased projection included."""
+    unet = tiny_unet("sdxl")
+    load_ip_adapter(unet, random_checkpoint(unet, seed=3), weight_type="style transfer precise", weight=0.9,
+                    composition_weight=1.2)
+    set_caches(unet, True)
+    swapped = {n: p for n, p in unet.attn_processors.items() if getattr(p, "swap_halves", [False])[0]}
+    assert swapped
+    for proc in swapped.values():  # biased projections: the zero half must project to the biases
+        for projections in (proc.to_k_ip, proc.to_v_ip):
+            biased = torch.nn.Linear(projections[0].in_features, projections[0].out_features, bias=True)
+            with torch.no_grad():
+                biased.weight.copy_(projections[0].weight)
+                biased.bias.normal_(generator=torch.Generator().manual_seed(1))
+            projections[0] = biased
+    reference = copy.deepcopy(unet)
+    for proc in (p for n, p in reference.attn_processors.items() if n in swapped):
+        proc.swap_halves = [False]  # by hand instead: the projections see [cond ; zeros]
+        for lin in (proc.to_k_ip[0], proc.to_v_ip[0]):
+            lin.register_forward_pre_hook(lambda m, args: (torch.cat([args[0][args[0].shape[0] // 2:],
+                                                                       torch.zeros_like(args[0][args[0].shape[0] // 2:])]),))
+    import instantstyle.processors.core.ip_adapter as ip_adapter
+
+    projected, original = [], ip_adapter.linear
+    monkeypatch.setattr(ip_adapter, "linear", lambda m, x: (projected.append(m), original(m, x))[1])
+    embeds = [image_embeds(2, 1, seed=7)]
+    for t in (900, 500, 100):  # one run: falling timesteps
+        check_close(_step(unet, embeds, timestep=t), _step(reference, embeds, timestep=t), "fp32")
+    ours = {id(m) for p in swapped.values() for m in (p.to_k_ip[0], p.to_v_ip[0])}
+    assert sum(id(m) in ours for m in projected) == len(ours)  # once per run, not once per step

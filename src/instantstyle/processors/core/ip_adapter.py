@@ -197,17 +197,24 @@ class IPAdapterStreams(Contributor):
         for adapter, to_k, to_v, cache in zip(self.adapter_ids, self.to_k_ip, self.to_v_ip, self.kv_caches):
             if adapter >= len(call.ip_states) or self._is_off(adapter):
                 continue
-            states, mask = call.ip_states[adapter], masks[adapter]
-            if swaps[adapter]:
-                states = swap_halves(states)
+            states, mask, swap = call.ip_states[adapter], masks[adapter], swaps[adapter]
             if mask is None:  # all images of the adapter share one softmax
-                project = lambda: (linear(to_k, states), linear(to_v, states))  # noqa: E731
-                # unchanged IP tokens and bare projections: last step's K/V (``step_cache``)
-                bare = plain_linear(to_k) and plain_linear(to_v)
-                k, v = cache.get((states, *weights(to_k), *weights(to_v)), project) if bare else project()
+                # unchanged IP tokens and bare projections: last step's K/V (``step_cache``).  The
+                # precise swap moves whole rows, so it is done on the cached K/V (a row of zeros
+                # projects to the bias): a swapped-states tensor would be new every step and miss
+                if plain_linear(to_k) and plain_linear(to_v):
+                    k, v = cache.get((states, *weights(to_k), *weights(to_v)),
+                                     lambda: (linear(to_k, states), linear(to_v, states)))
+                    if swap:
+                        k, v = swap_halves(k, to_k.bias), swap_halves(v, to_v.bias)
+                else:
+                    swapped = swap_halves(states) if swap else states
+                    k, v = linear(to_k, swapped), linear(to_v, swapped)
                 k, v, factor = scale_embeds(k, v, self._scale_cell(adapter), modes[adapter])
                 out.append((k.view(batch, -1, heads, head_dim), v.view(batch, -1, heads, head_dim), self._gated(factor, adapter), None))
                 continue
+            if swap:
+                states = swap_halves(states)
             for i in range(mask.shape[1]):  # with masks, one softmax, scale and mask per image
                 m = IPAdapterMaskProcessor.downsample(mask[:, i], batch, n, 1).reshape(batch, n)
                 k, v, factor = scale_embeds(to_k(states[:, i]), to_v(states[:, i]), self._scale_cell(adapter, i), modes[adapter])
@@ -216,12 +223,13 @@ class IPAdapterStreams(Contributor):
         return out
 
 
-def swap_halves(states: torch.Tensor) -> torch.Tensor:
+def swap_halves(states: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The precise types' swap on a CFG batch ``[uncond ; cond]``: the unconditional half
     gets the conditional half's image tokens, the conditional half zeros (ComfyUI's
-    ``uncond = cond; cond = cond * 0``).  An odd batch (no CFG) is left alone."""
+    ``uncond = cond; cond = cond * 0``).  An odd batch (no CFG) is left alone.  On projected
+    tokens pass the projection's ``bias``: zero tokens project to it, not to zeros."""
     half, odd = divmod(states.shape[0], 2)
     if odd or not half:
         return states
     cond = states[half:]
-    return torch.cat([cond, torch.zeros_like(cond)])
+    return torch.cat([cond, torch.zeros_like(cond) if bias is None else bias.to(cond.dtype).expand_as(cond)])
