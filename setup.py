@@ -45,7 +45,10 @@ setup(
         # `instantstyle video`: diffusers' Wan pipelines clean prompts with ftfy; MP4 out needs imageio(-ffmpeg)
         "video": ["ftfy", "imageio", "imageio-ffmpeg"],
         "train": ["peft>=0.6"],  # `instantstyle train-lora` (LoRA through diffusers' add_adapter)
-        "test": ["pytest>=7", "pytest-timeout", "peft>=0.6", "ftfy", "imageio", "imageio-ffmpeg"],  # train-lora, video
+        # DeepSpeed ZeRO-2 training (training/deepspeed_zero2.yaml); a pure-Python install, ops built on first use
+        "deepspeed": ["deepspeed"],
+        # train-lora, video, and the DeepSpeed config run on CPU
+        "test": ["pytest>=7", "pytest-timeout", "peft>=0.6", "ftfy", "imageio", "imageio-ffmpeg", "deepspeed"],
     },
     entry_points={"console_scripts": ["instantstyle = instantstyle.cli:main"]},
     classifiers=[

@@ -36,6 +36,24 @@ class Parts:
     summary: Callable[[dict], str]  # exports -> the last line printed
 
 
+
+def accelerator_on_cpu(device, cuda: bool) -> bool:
+    """accelerate's ``cpu=`` flag.  Under an accelerate DeepSpeed config it must stay False:
+    ``cpu=True`` drops the DeepSpeed plugin and trains plain.  DeepSpeed ranks are connected
+    on accelerators only (accelerate starts no process group for them on CPU), so there
+    several CPU processes would be that many unconnected trainings: refused."""
+    wants_cpu = (device or "").startswith("cpu") or not cuda
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return wants_cpu
+    if wants_cpu and cuda:
+        raise UserError("--device cpu: the accelerate config asks for DeepSpeed, which then trains on the GPUs; "
+                        "drop --device cpu, or launch without the DeepSpeed config")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if wants_cpu and world > 1:
+        raise UserError(f"DeepSpeed on CPU: accelerate connects DeepSpeed ranks on GPUs only, so {world} CPU processes "
+                        "would train apart; use one process, or torchrun/accelerate without the DeepSpeed config (DDP)")
+    return False
+
 def check_settings(settings: dict, world: int) -> None:
     """One-line errors for settings every trainer shares, before any model loads."""
     def positive(name, allow_zero=False):
@@ -97,7 +115,7 @@ def run_training(name: str, settings: dict, setup: Callable, *, fixed: Sequence[
     s = settings
     if s["mixed_precision"] not in MIXED_PRECISION:
         raise UserError(f"--mixed-precision: expected one of {', '.join(MIXED_PRECISION)}, got {s['mixed_precision']!r}")
-    cpu = (s["device"] or "").startswith("cpu") or not torch.cuda.is_available()
+    cpu = accelerator_on_cpu(s["device"], torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=s["mixed_precision"], gradient_accumulation_steps=s["gradient_accumulation"],
                               cpu=cpu)
     world, main = accelerator.num_processes, accelerator.is_main_process
