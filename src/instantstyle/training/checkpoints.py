@@ -13,7 +13,8 @@
 
 A checkpoint is written into a temporary folder next to the others and renamed into place
 (atomic on one file system), so a killed run leaves whole checkpoints or none.  Only the
-newest ``keep`` are kept.  Under DeepSpeed the sharded optimiser state goes through
+newest ``keep`` are kept; an old one is renamed to a temporary before it is deleted, so a
+kill cannot leave half of one either.  Under DeepSpeed the sharded optimiser state goes through
 ``accelerator.save_state`` into ``accelerate/`` inside the same folder.
 """
 from __future__ import annotations
@@ -86,6 +87,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _retire(path: str) -> str:
+    """Rename a checkpoint to a temporary name before deleting it: a run killed mid-delete
+    then leaves a temporary (removed at the next start), never a checkpoint folder whose
+    ``state.json`` is gone but whose other files stay, which nothing would ever prune."""
+    doomed = os.path.join(os.path.dirname(path), f"{TEMP_PREFIX}old-{secrets.token_hex(4)}")
+    os.replace(path, doomed)
+    return doomed
+
+
 def save_checkpoint(out_dir: str, step: int, model, optimizer, lr_scheduler, accelerator, state: dict,
                     keep: int) -> str | None:
     """Write ``checkpoint-<step>`` (every rank must call it: DeepSpeed saves from all ranks);
@@ -116,14 +126,13 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, lr_scheduler, acc
         _fsync_tree(tmp)
         final = os.path.join(root, f"checkpoint-{step}")
         if os.path.isdir(final):  # the same step again (a resumed run repeated it): replace
-            old = os.path.join(root, f"{TEMP_PREFIX}old-{secrets.token_hex(4)}")
-            os.replace(final, old)
+            old = _retire(final)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         for _, path in complete_checkpoints(out_dir)[:-keep] if keep > 0 else ():
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(_retire(path), ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -154,8 +163,12 @@ def load_checkpoint(path: str, model, optimizer, lr_scheduler, accelerator) -> d
 
 
 def remove_temporaries(out_dir: str) -> None:
-    """Half-written checkpoints of a killed run (rank 0, before anything writes)."""
+    """Half-written or half-deleted checkpoints of a killed run (rank 0, before anything
+    writes).  A ``checkpoint-N`` folder without ``state.json`` is one too: checkpoints
+    appear by rename with ``state.json`` inside, so only a delete cut short by an older
+    version (which deleted in place) leaves one."""
     root = checkpoint_root(out_dir)
     for name in os.listdir(root) if os.path.isdir(root) else ():
-        if name.startswith(TEMP_PREFIX):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        path = os.path.join(root, name)
+        if name.startswith(TEMP_PREFIX) or (_NAME.match(name) and not os.path.isfile(os.path.join(path, STATE))):
+            shutil.rmtree(path, ignore_errors=True)
