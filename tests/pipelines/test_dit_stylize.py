@@ -172,6 +172,12 @@ def test_stylize_cli_dit_mistakes_are_one_line(tiny_flux_dir, tiny_sd3_dir, tmp_
         (tiny_sd3_dir, ["--ip-adapter", str(tiny_sd3_dir / "ip-adapter.bin"), "--image-encoder", str(tiny_sd3_dir / "siglip_image_encoder")],
          ["--content-prompt", "a cat"], r"patch features"),
         (r, xlabs, ["--negative-style", str(r / "style2.png")], r"on Flux a negative image enters only true CFG"),
+        (r, xlabs, ["--negative-prompt", "blurry"], r"--true-cfg-scale / --negative-prompt: Flux uses a negative prompt "
+                                                    r"only under true CFG"),
+        (r, xlabs, ["--true-cfg-scale", "2"], r"give both, or neither"),
+        (r, xlabs, ["--true-cfg-scale", "1", "--negative-prompt", "blurry"], r"--true-cfg-scale: expected > 1, got 1.0"),
+        (tiny_sd3_dir, ["--ip-adapter", str(tiny_sd3_dir / "ip-adapter.bin"), "--image-encoder", str(tiny_sd3_dir / "siglip_image_encoder")],
+         ["--true-cfg-scale", "2"], r"--true-cfg-scale: Flux pipelines only; this sd3 pipeline runs classifier-free guidance"),
     ]
     for root, model, extra, message in cases:
         code = _cli(root, model, tmp_path / "e.png", *extra)
@@ -272,22 +278,67 @@ def test_stylize_batch_packs_dit_rows_with_different_references(tiny_flux_dir, t
     manifest = tmp_path / "jobs.jsonl"
     rows = [{"prompt": "a dog", "style": str(r / "style.png"), "name": "dog", "seed": 3},
             {"prompt": "a boat", "style": str(r / "style2.png"), "name": "boat", "seed": 4}]
-    if family == "sd3":  # a negative image in one row of the pack: the other keeps its zero half
-        rows[0]["negative_style"] = str(r / "style2.png")
+    rows[0]["negative_style"] = str(r / "style2.png")  # in one row of the pack: the other keeps zeros / black
+    true_cfg = []
+    if family == "flux":  # Flux reads negatives only under true CFG: a negative prompt per row, and the flag
+        rows[0]["negative_prompt"], rows[1]["negative_prompt"], true_cfg = "blurry", "dark", ["--true-cfg-scale", "2"]
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     adapter = ["--ip-adapter", str(r / "xlabs.safetensors"), "--image-encoder", str(r / "clip_image_encoder")]
     if family == "sd3":
         adapter = ["--ip-adapter", str(r / "ip-adapter.bin"), "--image-encoder", str(r / "siglip_image_encoder")]
     common = ["stylize-batch", str(manifest), "--model", str(r / "model"), *adapter, "--steps", "2", "--height", "16",
-              "--width", "16", "--threads", "1"]  # no --target: the adapter's default, all (XLabs: double blocks)
+              "--width", "16", "--threads", "1", *true_cfg]  # no --target: the adapter's default, all (XLabs: double blocks)
     assert main(common + ["--out", str(tmp_path / "one")]) == 0
     assert main(common + ["--out", str(tmp_path / "packed"), "--pack", "2"]) == 0
     blocks = 2 if family == "flux" else 3
     for name in ("dog", "boat"):
         record = json.loads((tmp_path / "packed" / f"{name}.png.json").read_text())
         assert record["packed"] == 2 and record["target"] == "all"
+        assert record["settings"].get("true_cfg_scale") == (2.0 if family == "flux" else None)  # hashed only when set
         assert record["targets"] == [f"transformer_blocks.{i}.attn.processor" for i in range(blocks)]
         one, packed = (np.asarray(Image.open(tmp_path / d / f"{name}.png"), dtype=np.int16) for d in ("one", "packed"))
         assert np.abs(one - packed).max() <= 1, name  # batched float32 sums differ in the last bit
     dog, boat = (np.asarray(Image.open(tmp_path / "packed" / f"{n}.png"), dtype=np.int16) for n in ("dog", "boat"))
     assert np.abs(dog - boat).max() > 2  # paired, not blended: the rows of one pack differ
+
+
+def test_stylize_cli_flux_true_cfg_reads_the_negative_prompt_and_image(tiny_flux_dir, tmp_path):
+    r = tiny_flux_dir
+    xlabs = ["--ip-adapter", str(r / "xlabs.safetensors"), "--image-encoder", str(r / "clip_image_encoder")]
+    runs = {"plain": [], "negative prompt": ["--true-cfg-scale", "3", "--negative-prompt", "blurry"],
+            "negative image": ["--true-cfg-scale", "3", "--negative-prompt", "blurry", "--negative-style",
+                               str(r / "style2.png")]}
+    pixels = {}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name.replace(' ', '-')}.png"
+        assert _cli(r, xlabs, out, *extra) == 0, name
+        pixels[name] = np.asarray(Image.open(out), dtype=np.int16)
+    record = json.loads((tmp_path / "negative-image.png.json").read_text())
+    assert record["settings"]["true_cfg_scale"] == 3.0
+    # each reaches the image: the negative pass runs, and the negative image enters it
+    assert np.abs(pixels["plain"] - pixels["negative prompt"]).max() > 2
+    assert np.abs(pixels["negative prompt"] - pixels["negative image"]).max() > 2
+
+
+def test_stylize_batch_true_cfg_mistakes(tiny_flux_dir, tiny_sd3_dir, tmp_path, capsys):
+    """A Flux row with a negative prompt but no --true-cfg-scale fails alone, with the reason
+    (diffusers would ignore its negative prompt); --true-cfg-scale on another family stops
+    the run in one line before any row."""
+    r = tiny_flux_dir
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a dog", "style": str(r / "style.png"), "name": "dog"}) + "\n"
+                        + json.dumps({"prompt": "a boat", "style": str(r / "style.png"), "name": "boat",
+                                      "negative_prompt": "blurry"}) + "\n")
+    flux = ["--ip-adapter", str(r / "xlabs.safetensors"), "--image-encoder", str(r / "clip_image_encoder")]
+    common = ["--steps", "1", "--height", "16", "--width", "16", "--threads", "1"]
+    assert main(["stylize-batch", str(manifest), "--model", str(r / "model"), *flux, *common,
+                 "--out", str(tmp_path / "flux")]) == 1
+    err = capsys.readouterr().err
+    assert "1 written" in err and "1 failed" in err and "Flux uses a negative prompt only under true CFG" in err
+    assert (tmp_path / "flux" / "dog.png").is_file() and not (tmp_path / "flux" / "boat.png").exists()
+    s = tiny_sd3_dir
+    sd3 = ["--ip-adapter", str(s / "ip-adapter.bin"), "--image-encoder", str(s / "siglip_image_encoder")]
+    assert main(["stylize-batch", str(manifest), "--model", str(s / "model"), *sd3, *common, "--true-cfg-scale", "2",
+                 "--out", str(tmp_path / "sd3")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("instantstyle: error: --true-cfg-scale: Flux pipelines only; this sd3 pipeline"), last

@@ -72,6 +72,7 @@ from .cli_args import (
     check_controls,
     check_runtime,
     check_seed,
+    check_true_cfg,
     control_kwargs,
     device_and_dtype,
     finite,
@@ -177,6 +178,11 @@ def _wire(args, state, hub):
     except (ValueError, TypeError, KeyError, NotImplementedError, FileNotFoundError) as exc:
         raise UserError(f"--ip-adapter / --preset / --target / controls: {exc}") from None
     args.resolved_target = style.target
+    if style.family != "flux":  # Flux: each row's negative prompt decides (run_rows)
+        try:
+            check_true_cfg(args.true_cfg_scale, args.negative_prompt, style.family)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     defaults = defaults_of(args)
     scheduler = type(pipe.scheduler).__name__
 
@@ -192,6 +198,8 @@ def _wire(args, state, hub):
         target = first["target"]
         if first.get("weight_type") and jobs[0].target is None and not (args.target or args.preset):
             target = "all"  # no target asked for: every module the weight type weights (as stylize)
+        if style.family == "flux":
+            check_true_cfg(args.true_cfg_scale, first["negative_prompt"], style.family)  # a pack shares whether it has one
         style.configure_all(target, first["scale"], **control_kwargs(first))
         per_row = {"prompt": [j.prompt for j in jobs], "style_images": styles, "negative_style_images": negatives,
                    "content_prompt": [r["content_prompt"] for r in rows], "content_scale": [r["content_scale"] for r in rows],
@@ -199,6 +207,8 @@ def _wire(args, state, hub):
                    "generator": [torch.Generator(device="cpu").manual_seed(s) for s in seeds]}
         if one:  # the one row's values, not lists of one
             per_row = {k: v if v is None else v[0] for k, v in per_row.items()}
+        if args.true_cfg_scale is not None:
+            per_row["true_cfg_scale"] = args.true_cfg_scale
         with use_backend(args.backend):
             images = style(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                            width=args.width, **per_row).images
@@ -220,8 +230,9 @@ RUN_SETTINGS = ("model", "ip_adapter", "subfolder", "weight_name", "image_encode
                 "guidance", "height", "width", "dtype", "start_at", "end_at")
 
 
-#: video runs only (None on image runs, so an image row's settings hash is what it was)
-VIDEO_SETTINGS = ("frames", "fps")
+#: in a row's settings only when set, so rows made before they existed keep their hash:
+#: video runs' frames and fps, Flux's true CFG
+OPTIONAL_SETTINGS = ("frames", "fps", "true_cfg_scale")
 
 
 #: the settings every row of one packed call must share (the rest is per row in one call)
@@ -244,7 +255,7 @@ def defaults_of(args) -> dict:
             "content_prompt": args.content_prompt, "content_scale": args.content_scale,
             **control_kwargs(args), "negative_style": os.path.abspath(negative) if negative else None,
             **{k: getattr(args, k, None) for k in RUN_SETTINGS},
-            **{k: getattr(args, k) for k in VIDEO_SETTINGS if getattr(args, k, None) is not None}}
+            **{k: getattr(args, k) for k in OPTIONAL_SETTINGS if getattr(args, k, None) is not None}}
 
 
 def argparse_namespace(args, **changes):

@@ -15,6 +15,7 @@ from .cli_args import (
     check_runtime,
     check_seed,
     check_start_end,
+    check_true_cfg,
     device_and_dtype,
     finite,
 )
@@ -59,6 +60,10 @@ def check_video_batch(args) -> str:
         if getattr(args, flag, None):
             raise UserError(f"--{flag.replace('_', '-')}: not used by video rows (--format {args.format}): Wan's image "
                             "branch is part of the model")
+    try:
+        check_true_cfg(args.true_cfg_scale, None, "wan")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     args.frames = check_frames("--frames", DEFAULT_FRAMES if args.frames is None else args.frames)
     args.fps = check_fps("--fps", DEFAULT_FPS if args.fps is None else args.fps)
     check_size("--height", args.height)

@@ -40,6 +40,10 @@ def add_runtime_arguments(parser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
+    g.add_argument("--true-cfg-scale", type=float, default=None, metavar="S",
+                   help="Flux only: true classifier-free guidance, S > 1 (Flux's --guidance is distilled guidance and "
+                        "reads no negative prompt): a second, negative pass per step with --negative-prompt (and "
+                        "--negative-style); twice the step cost")
     g.add_argument("--height", type=int, default=None, help="multiple of 8; default: the model's native size")
     g.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's native size")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -106,6 +110,7 @@ def finite(flag: str, value, low=None, high=None, low_open=False):
 def check_runtime(args) -> None:
     finite("--steps", args.steps, 1)
     finite("--guidance", args.guidance, 0)
+    finite("--true-cfg-scale", args.true_cfg_scale, 1, low_open=True)  # 1 or less: diffusers skips the pass
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"{flag}: expected a positive multiple of 8 (the VAE downsamples by 8), got {value}")
@@ -113,6 +118,18 @@ def check_runtime(args) -> None:
         raise UserError(f"--threads: expected a positive integer, got {args.threads}")
     if args.backend == "triton" and not (args.device or "").startswith("cuda") and not _cuda():
         raise UserError("--backend triton: the fused Triton kernel runs on CUDA GPUs; use --backend torch or auto on CPU")
+
+
+def check_true_cfg(true_cfg_scale, negative_prompt, family) -> None:
+    """Flux's negative prompt acts only under true CFG, and true CFG only with a negative
+    prompt (diffusers silently skips either alone); other families run CFG with --guidance.
+    Raises ValueError (a row's reason in stylize-batch; the caller words flag errors)."""
+    if true_cfg_scale is not None and family != "flux":
+        raise ValueError(f"--true-cfg-scale: Flux pipelines only; this {family or 'UNet'} pipeline runs classifier-free "
+                         "guidance with --guidance")
+    if family == "flux" and (true_cfg_scale is None) != (negative_prompt is None):
+        raise ValueError("--true-cfg-scale / --negative-prompt: Flux uses a negative prompt only under true CFG and true "
+                         "CFG only with a negative prompt: give both, or neither")
 
 
 def check_start_end(args) -> None:

@@ -318,7 +318,7 @@ class InstantStyle:
             return
         if not (pipe_kwargs.get("true_cfg_scale", 1.0) > 1.0 and pipe_kwargs.get("negative_prompt") is not None):
             raise ValueError("negative_style_images: on Flux a negative image enters only true CFG's negative pass: "
-                             "pass true_cfg_scale > 1 and a negative_prompt (the CLI runs Flux without true CFG)")
+                             "pass true_cfg_scale > 1 and a negative_prompt (--true-cfg-scale and --negative-prompt)")
 
     def __call__(self, prompt, style_images, content_prompt=None, content_scale=0.5, target=None,
                  scale: Optional[float] = None, negative_style_images=None, negative_content_prompt: Optional[str] = None,

@@ -40,6 +40,7 @@ from .cli_args import (
     check_runtime,
     check_seed,
     check_start_end,
+    check_true_cfg,
     device_and_dtype,
     finite,
     control_kwargs,
@@ -141,7 +142,7 @@ def check_method_arguments(args) -> None:
                         ("--target", args.target), ("--preset", args.preset), ("--subfolder", args.subfolder),
                         ("--weight-name", args.weight_name), ("--weight-type", args.weight_type),
                         ("--composition-weight", args.composition_weight), ("--embeds-scaling", args.embeds_scaling),
-                        ("--negative-style", args.negative_style)):
+                        ("--negative-style", args.negative_style), ("--true-cfg-scale", args.true_cfg_scale)):
         if value:
             raise UserError(f"{flag}: not used by --method {args.method}, which takes its style from the first prompt's image")
     finite("--keys-scale", args.keys_scale)
@@ -180,6 +181,10 @@ def _instantstyle(args, styles, pipe, encoder, processor, text_encoder, tokenize
     except (ValueError, TypeError, FileNotFoundError, KeyError, NotImplementedError) as exc:
         raise UserError(f"--ip-adapter / --preset / --target / controls: {_target_message(exc)}") from None
     args.resolved_target = style.target  # the family's default when neither flag was given
+    try:
+        check_true_cfg(args.true_cfg_scale, args.negative_prompt, style.family)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
     def generate(call):
         try:
@@ -292,6 +297,8 @@ def stylize(args) -> dict:
         negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
         height=args.height, width=args.width, generator=torch.Generator(device="cpu").manual_seed(args.seed),
     )
+    if args.true_cfg_scale is not None:  # Flux only (checked once the pipeline's family is known)
+        call["true_cfg_scale"] = args.true_cfg_scale
     if control is not None:
         call["image"] = canny_edges(control) if args.canny else control
     start = time.perf_counter()
