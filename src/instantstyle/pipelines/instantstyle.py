@@ -255,22 +255,31 @@ class InstantStyle:
             return self.ip_inputs(style_images, content_prompt, content_scale, do_classifier_free_guidance,
                                   negative_style_images, negative_content_prompt, num_prompts,
                                   num_images_per_prompt)["ip_adapter_image_embeds"]
+        rows, per_prompt = self._encode(style_image_embeds, style_images, content_prompt, content_scale,
+                                        do_classifier_free_guidance, negative_style_images, negative_content_prompt,
+                                        num_prompts)
+        return stack_per_prompt(rows, num_images_per_prompt, do_classifier_free_guidance) if per_prompt else rows
+
+    def _encode(self, encode, style_images, content_prompt, content_scale, do_classifier_free_guidance,
+                negative_style_images, negative_content_prompt, num_prompts: int):
+        """``(result, per_prompt)``: ``encode`` (``style_image_embeds`` or ``dit_style_inputs``, which
+        take the same arguments) run once for references shared by every prompt, or once per
+        prompt for per-prompt ones (a list of results), with that prompt's content prompt,
+        content scale and negatives."""
         per_prompt = per_prompt_styles(style_images, num_prompts)
         if per_prompt is None:
             images = style_images if isinstance(style_images, (list, tuple)) else [style_images]
             if isinstance(content_prompt, (list, tuple)) or isinstance(content_scale, (list, tuple)):
                 raise ValueError("content_prompt/content_scale: per-prompt values need per-prompt style_images")
-            return style_image_embeds(
-                self.pipe, [list(images)], content_prompt, content_scale, self.text_encoder, self.tokenizer,
-                do_classifier_free_guidance, self._negatives(negative_style_images), negative_content_prompt,
-            )
+            return encode(self.pipe, [list(images)], content_prompt, content_scale, self.text_encoder, self.tokenizer,
+                          do_classifier_free_guidance, self._negatives(negative_style_images),
+                          negative_content_prompt), False
         contents = _per_prompt("content_prompt", content_prompt, num_prompts)
         scales = _per_prompt("content_scale", content_scale, num_prompts)
         negatives = _per_prompt_negatives(negative_style_images, num_prompts)
-        rows = [style_image_embeds(self.pipe, [images], contents[i], scales[i], self.text_encoder, self.tokenizer,
-                                   do_classifier_free_guidance, self._negatives(negatives[i]), negative_content_prompt)
-                for i, images in enumerate(per_prompt)]
-        return stack_per_prompt(rows, num_images_per_prompt, do_classifier_free_guidance)
+        return [encode(self.pipe, [images], contents[i], scales[i], self.text_encoder, self.tokenizer,
+                       do_classifier_free_guidance, self._negatives(negatives[i]), negative_content_prompt)
+                for i, images in enumerate(per_prompt)], True
 
     @staticmethod
     def _negatives(negative_style_images):
@@ -291,18 +300,11 @@ class InstantStyle:
             return {"ip_adapter_image_embeds": self.embeds(style_images, content_prompt, content_scale,
                                                            do_classifier_free_guidance, negative_style_images,
                                                            negative_content_prompt, num_prompts, num_images_per_prompt)}
-        per_prompt = per_prompt_styles(style_images, num_prompts)
-        if per_prompt is None:
-            images = style_images if isinstance(style_images, (list, tuple)) else [style_images]
-            return dit_style_inputs(self.pipe, [list(images)], content_prompt, content_scale, self.text_encoder,
-                                    self.tokenizer, do_classifier_free_guidance, self._negatives(negative_style_images),
-                                    negative_content_prompt)
-        contents = _per_prompt("content_prompt", content_prompt, num_prompts)
-        scales = _per_prompt("content_scale", content_scale, num_prompts)
-        negatives = _per_prompt_negatives(negative_style_images, num_prompts)
-        rows = [dit_style_inputs(self.pipe, [images], contents[i], scales[i], self.text_encoder, self.tokenizer,
-                                 do_classifier_free_guidance, self._negatives(negatives[i]), negative_content_prompt)
-                for i, images in enumerate(per_prompt)]
+        rows, per_prompt = self._encode(dit_style_inputs, style_images, content_prompt, content_scale,
+                                        do_classifier_free_guidance, negative_style_images, negative_content_prompt,
+                                        num_prompts)
+        if not per_prompt:
+            return rows
         if self.family == "sd3":  # one tensor, zeros (or negatives) first under CFG, as the UNet's halves
             embeds = stack_per_prompt([[r["ip_adapter_image_embeds"]] for r in rows], num_images_per_prompt,
                                       do_classifier_free_guidance)
