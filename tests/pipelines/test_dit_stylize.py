@@ -187,7 +187,8 @@ def test_stylize_cli_dit_mistakes_are_one_line(tiny_flux_dir, tiny_sd3_dir, tmp_
         assert not (tmp_path / "e.png").exists()
 
 
-def _flux_run(style, prompts, refs, seeds, **kwargs):
+def _dit_run(style, prompts, refs, seeds, **kwargs):
+    """One Flux or SD3.5 InstantStyle run at 16x16, 2 steps, one generator per seed; images as tensors."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     return style(prompts, refs, generator=generators if len(seeds) > 1 else generators[0], num_inference_steps=2,
                  height=16, width=16, output_type="pt", **kwargs).images
@@ -200,17 +201,17 @@ def test_flux_prompts_with_their_own_references_equal_their_single_runs(tiny_flu
     refs = [Image.open(tiny_flux_dir / name).convert("RGB") for name in ("style.png", "style2.png")]
     prompts, seeds = ["a dog", "a house by the sea"], [3, 4]
     contents = ["a cat", None] if text else None
-    batched = _flux_run(style, prompts, refs, seeds, content_prompt=contents)
-    alone = [_flux_run(style, p, [r], [s], content_prompt=c)
+    batched = _dit_run(style, prompts, refs, seeds, content_prompt=contents)
+    alone = [_dit_run(style, p, [r], [s], content_prompt=c)
              for p, r, s, c in zip(prompts, refs, seeds, contents or [None, None])]
     assert batched.shape[0] == 2
     for i in range(2):
         torch.testing.assert_close(batched[i:i + 1], alone[i], rtol=1e-4, atol=1e-4)
-    other = _flux_run(style, prompts[0], [refs[1]], seeds[:1], content_prompt=(contents or [None])[0])
+    other = _dit_run(style, prompts[0], [refs[1]], seeds[:1], content_prompt=(contents or [None])[0])
     assert (other - alone[0]).abs().max() > 1e-3  # the reference matters, so the test can fail
     # two images per prompt: prompt i's images (rows 2i, 2i+1) from reference i
-    two = _flux_run(style, prompts, refs, [3, 5, 4, 6], num_images_per_prompt=2, content_prompt=contents)
-    torch.testing.assert_close(two[2:3], _flux_run(style, prompts[1], [refs[1]], [4],
+    two = _dit_run(style, prompts, refs, [3, 5, 4, 6], num_images_per_prompt=2, content_prompt=contents)
+    torch.testing.assert_close(two[2:3], _dit_run(style, prompts[1], [refs[1]], [4],
                                                    content_prompt=(contents or [None, None])[1]), rtol=1e-4, atol=1e-4)
 
 
@@ -220,15 +221,15 @@ def test_sd3_prompts_with_their_own_references_and_negatives_equal_their_single_
     refs = [Image.open(tiny_sd3_dir / name).convert("RGB") for name in ("style.png", "style2.png")]
     prompts, seeds = ["a dog", "a house by the sea"], [3, 4]
     for negatives in (None, [refs[1], refs[0]]):
-        batched = _flux_run(style, prompts, refs, seeds, negative_style_images=negatives)
-        alone = [_flux_run(style, p, [r], [s], negative_style_images=n)
+        batched = _dit_run(style, prompts, refs, seeds, negative_style_images=negatives)
+        alone = [_dit_run(style, p, [r], [s], negative_style_images=n)
                  for p, r, s, n in zip(prompts, refs, seeds, negatives or [None, None])]
         for i in range(2):
             torch.testing.assert_close(batched[i:i + 1], alone[i], rtol=1e-4, atol=1e-4)
-    other = _flux_run(style, prompts[0], [refs[1]], seeds[:1])
-    assert (other - _flux_run(style, prompts[0], [refs[0]], seeds[:1])).abs().max() > 1e-3  # the reference matters
-    two = _flux_run(style, prompts, refs, [3, 5, 4, 6], num_images_per_prompt=2)
-    torch.testing.assert_close(two[2:3], _flux_run(style, prompts[1], [refs[1]], [4]), rtol=1e-4, atol=1e-4)
+    other = _dit_run(style, prompts[0], [refs[1]], seeds[:1])
+    assert (other - _dit_run(style, prompts[0], [refs[0]], seeds[:1])).abs().max() > 1e-3  # the reference matters
+    two = _dit_run(style, prompts, refs, [3, 5, 4, 6], num_images_per_prompt=2)
+    torch.testing.assert_close(two[2:3], _dit_run(style, prompts[1], [refs[1]], [4]), rtol=1e-4, atol=1e-4)
 
 
 def test_sd3_negative_image_is_the_unconditional_half(tiny_sd3_dir):
@@ -241,7 +242,7 @@ def test_sd3_negative_image_is_the_unconditional_half(tiny_sd3_dir):
     torch.testing.assert_close(embeds, by_hand)  # [negative ; reference], the pipeline's CFG order
     assert style.ip_inputs([ref], do_classifier_free_guidance=False,
                            negative_style_images=negative)["ip_adapter_image_embeds"].shape[0] == 1
-    zeros, with_negative = (_flux_run(style, "a dog", [ref], [3], negative_style_images=n) for n in (None, negative))
+    zeros, with_negative = (_dit_run(style, "a dog", [ref], [3], negative_style_images=n) for n in (None, negative))
     assert (zeros - with_negative).abs().max() > 1e-3
     with pytest.raises(ValueError, match="^negative_images: the SD3.5 IP-Adapter takes one style image, got 2$"):
         style.ip_inputs([ref], negative_style_images=[negative, negative])
@@ -259,15 +260,15 @@ def test_flux_negative_images_are_true_cfgs_negative_embeds(tiny_flux_dir, fmt, 
     (neg,) = inputs["negative_ip_adapter_image_embeds"]
     torch.testing.assert_close(neg[0], expected, rtol=1e-6, atol=1e-6)
     true_cfg = {"true_cfg_scale": 2.0, "negative_prompt": "blurry"}  # diffusers reads the negatives only then
-    black = _flux_run(style, "a dog", [refs[0]], [3], **true_cfg)
-    assert (black - _flux_run(style, "a dog", [refs[0]], [3], negative_style_images=refs[1], **true_cfg)).abs().max() > 1e-3
+    black = _dit_run(style, "a dog", [refs[0]], [3], **true_cfg)
+    assert (black - _dit_run(style, "a dog", [refs[0]], [3], negative_style_images=refs[1], **true_cfg)).abs().max() > 1e-3
     prompts, seeds, negatives = ["a dog", "a boat"], [3, 4], [refs[1], refs[0]]
-    batched = _flux_run(style, prompts, refs, seeds, negative_style_images=negatives, **true_cfg)
+    batched = _dit_run(style, prompts, refs, seeds, negative_style_images=negatives, **true_cfg)
     for i in range(2):
-        alone = _flux_run(style, prompts[i], [refs[i]], [seeds[i]], negative_style_images=negatives[i], **true_cfg)
+        alone = _dit_run(style, prompts[i], [refs[i]], [seeds[i]], negative_style_images=negatives[i], **true_cfg)
         torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="^negative_style_images: on Flux a negative image enters only true CFG"):
-        _flux_run(style, "a dog", [refs[0]], [3], negative_style_images=refs[1])  # no true CFG: it would do nothing
+        _dit_run(style, "a dog", [refs[0]], [3], negative_style_images=refs[1])  # no true CFG: it would do nothing
     with pytest.raises(ValueError, match=r"^negative_images\[0\]: expected 1 or 2 images \(one per style image\), got 3$"):
         style.ip_inputs([refs], negative_style_images=[refs[0]] * 3)
 
